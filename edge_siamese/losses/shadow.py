@@ -1,0 +1,30 @@
+"""Shadow Loss (Khan et al., 2023, arXiv 2311.14012)."""
+
+from __future__ import annotations
+
+from ..distances import ShadowDistance
+from .base import MarginTripletLoss
+
+
+class ShadowLoss(MarginTripletLoss):
+    """Triplet hinge on the scalar projections ("shadows") of p and n onto the anchor.
+
+    With ``s_x = a.x / ||a||``::
+
+        delta_p = | ||a|| - s_p |,   delta_n = | ||a|| - s_n |
+        L = mean(max(delta_p - delta_n + margin, 0))
+
+    ``||a||`` is a real square-root norm clamped by an eps. ``normalize=True`` L2-normalises the
+    embeddings first, so that ``delta = 1 - cos``; ``normalize=False`` is the paper's raw form.
+
+    Shapes: ``(anchor, positive, negative)`` each ``(N, D)``, or ``(embeddings (B, D), labels (B,))``.
+    The in-batch form works from the batch Gram matrix (``a.p``, ``a.n``, ``||a||``): no
+    ``S x D`` difference tensor is built, and the exact batch-all runs in O(B^2) memory.
+    """
+
+    def __init__(self, margin: float = 0.2, normalize: bool = True, reduction: str = "mean_active"):
+        super().__init__(ShadowDistance(normalize=normalize), margin, reduction)
+        self.normalize = normalize
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, normalize={self.normalize}"
