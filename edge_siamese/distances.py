@@ -115,11 +115,11 @@ class ShadowDistance(BaseDistance):
     L2-normalised first, so that ``d(a, x) = 1 - cos(a, x)``.
     """
 
-    name = "shadow"
-
     def __init__(self, normalize: bool = True):
         super().__init__()
         self.normalize = normalize
+        # Normalised, it is exactly the cosine distance: the name a device looks up.
+        self.name = "cosine" if normalize else "shadow"
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x / _l2_norm(x)[..., None] if self.normalize else x
@@ -137,7 +137,3 @@ class ShadowDistance(BaseDistance):
         return (norm - (anchors * others).sum(-1) / norm).abs()
 
 
-DISTANCES: dict[str, type[BaseDistance]] = {
-    cls.name: cls
-    for cls in (EuclideanDistance, SquaredEuclideanDistance, L1Distance, WeightedL1Distance, CosineDistance, ShadowDistance)
-}

@@ -1,0 +1,240 @@
+"""Retrieval and verification metrics in pure numpy, shared by training-time evaluation and the device.
+
+``retrieval_metrics(embeddings, labels)`` uses every sample as a query against all the others
+(leave-one-out), the protocol of pytorch-metric-learning's ``AccuracyCalculator`` with
+``reference = query``; its definitions of ``precision_at_1``, ``r_precision`` and
+``mean_average_precision_at_r`` are followed exactly. Distances are "smaller is more similar";
+``shadow`` is anchor-relative (row = query). Work is done in row chunks, so memory stays
+``O(chunk x N)`` whatever N is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DISTANCES = ("euclidean", "squared_euclidean", "cosine", "l1", "weighted_l1", "shadow")
+_EPS = 1e-12
+_CHUNK = 512
+
+
+def pairwise_distances(
+    queries: np.ndarray, refs: np.ndarray, distance: str = "euclidean", weights: np.ndarray | None = None
+) -> np.ndarray:
+    """``(Q, R)`` matrix of ``distance(query, ref)``; ``weights`` (D,) only for ``weighted_l1``."""
+    q = np.asarray(queries, dtype=np.float64)
+    r = np.asarray(refs, dtype=np.float64)
+    if distance in ("euclidean", "squared_euclidean"):
+        sq = (q * q).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2 * q @ r.T
+        sq = np.maximum(sq, 0)
+        return np.sqrt(sq) if distance == "euclidean" else sq
+    if distance == "cosine":
+        qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), _EPS)
+        rn = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), _EPS)
+        return 1 - qn @ rn.T
+    if distance in ("l1", "weighted_l1"):
+        if distance == "weighted_l1":
+            if weights is None:
+                raise ValueError("weighted_l1 needs the weights saved with the model")
+            q, r = q * weights, r * weights
+        out = np.zeros((len(q), len(r)))
+        for j in range(q.shape[1]):  # one (Q, R) slice per dimension: no (Q, R, D) tensor
+            out += np.abs(q[:, j, None] - r[None, :, j])
+        return out
+    if distance == "shadow":
+        norm = np.maximum(np.linalg.norm(q, axis=1), _EPS)
+        return np.abs(norm[:, None] - (q @ r.T) / norm[:, None])
+    raise ValueError(f"unknown distance {distance!r}: choose one of {', '.join(DISTANCES)}")
+
+
+def _ranked_neighbour_labels(emb, labels, distance, weights, depth):
+    """Labels of each sample's ``depth`` nearest other samples, nearest first ``(N, depth)``."""
+    n = len(emb)
+    out = np.empty((n, depth), dtype=labels.dtype)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        d = pairwise_distances(emb[start:stop], emb, distance, weights)
+        d[np.arange(stop - start), np.arange(start, stop)] = np.inf  # leave the query out
+        part = np.argpartition(d, depth - 1, axis=1)[:, :depth] if depth < n else np.argsort(d, axis=1)[:, :depth]
+        order = np.take_along_axis(d, part, axis=1).argsort(axis=1, kind="stable")
+        out[start:stop] = labels[np.take_along_axis(part, order, axis=1)]
+    return out
+
+
+def _rank_metrics(emb, labels, distance, weights, knn_k):
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    r = counts[inverse] - 1  # same-class references of each query
+    depth = int(min(max(r.max(), knn_k, 1), len(emb) - 1))
+    neigh = _ranked_neighbour_labels(emb, labels, distance, weights, depth)
+    hits = neigh == labels[:, None]
+    ranks = np.arange(1, depth + 1)
+    within_r = ranks[None, :] <= r[:, None]
+    has_r = r > 0
+    r_safe = np.maximum(r, 1)
+    r_precision = (hits & within_r).sum(1) / r_safe
+    precision_at_k = np.cumsum(hits, axis=1) / ranks[None, :]
+    map_at_r = (precision_at_k * (hits & within_r)).sum(1) / r_safe
+
+    k = min(knn_k, depth)
+    votes = np.zeros((len(emb), len(classes)), dtype=np.int64)
+    neigh_idx = np.searchsorted(classes, neigh[:, :k])
+    np.add.at(votes, (np.arange(len(emb))[:, None], neigh_idx), 1)
+    # Ties go to the tied label met first among the neighbours.
+    tied = votes[np.arange(len(emb))[:, None], neigh_idx] == votes.max(1)[:, None]
+    predicted = neigh[np.arange(len(emb)), tied.argmax(1)]
+    return {
+        "precision_at_1": float(hits[:, 0].mean()),
+        "r_precision": float(r_precision[has_r].mean()),
+        "mean_average_precision_at_r": float(map_at_r[has_r].mean()),
+        "knn_accuracy": float((predicted == labels).mean()),
+    }
+
+
+def _one_shot(emb, labels, distance, weights, ways, episodes, rng):
+    """Koch's N-way one-shot task: one query, one support image of each of N classes."""
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    query_classes = [c for c, idx in by_class.items() if len(idx) >= 2]
+    if len(by_class) < ways or not query_classes:
+        return None
+    correct = 0
+    for _ in range(episodes):
+        target = query_classes[rng.integers(len(query_classes))]
+        others = [c for c in by_class if c != target]
+        chosen = [others[i] for i in rng.choice(len(others), ways - 1, replace=False)]
+        query, support = rng.choice(by_class[target], 2, replace=False)
+        supports = [support] + [rng.choice(by_class[c]) for c in chosen]
+        d = pairwise_distances(emb[[query]], emb[supports], distance, weights)[0]
+        correct += int(np.argmin(d) == 0)
+    return correct / episodes
+
+
+def _sample_pairs(n, max_pairs, rng):
+    """All pairs i < j when there are at most ``max_pairs``, else that many random pairs i != j."""
+    if n * (n - 1) // 2 <= max_pairs:
+        return np.triu_indices(n, k=1)
+    i = rng.integers(n, size=max_pairs)
+    j = (i + rng.integers(1, n, size=max_pairs)) % n
+    return i, j
+
+
+def _pair_distances(emb, i, j, distance, weights):
+    """``distance(emb[i], emb[j])`` row by row, without a pairs x pairs matrix."""
+    a, b = emb[i], emb[j]
+    if distance in ("euclidean", "squared_euclidean"):
+        sq = ((a - b) ** 2).sum(1)
+        return np.sqrt(sq) if distance == "euclidean" else sq
+    if distance == "cosine":
+        return 1 - (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), _EPS)
+    if distance in ("l1", "weighted_l1"):
+        if distance == "weighted_l1" and weights is None:
+            raise ValueError("weighted_l1 needs the weights saved with the model")
+        diff = np.abs(a - b)
+        return (diff * weights).sum(1) if distance == "weighted_l1" else diff.sum(1)
+    norm = np.maximum(np.linalg.norm(a, axis=1), _EPS)
+    return np.abs(norm - (a * b).sum(1) / norm)
+
+
+def _average_ranks(values):
+    order = values.argsort(kind="stable")
+    sorted_vals = values[order]
+    _, first, counts = np.unique(sorted_vals, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0  # 1-based average rank of each run of ties
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(avg, counts)
+    return ranks
+
+
+def verification_metrics(pos: np.ndarray, neg: np.ndarray) -> dict:
+    """ROC AUC, EER and TAR at fixed FAR from same-class (``pos``) and other-class (``neg``) distances.
+
+    A pair is accepted when ``distance < threshold``. The threshold at FAR x is the
+    ``floor(x * n_neg) + 1``-th smallest negative distance, so that the FAR it gives is <= x.
+    """
+    pos, neg = np.sort(np.asarray(pos, float)), np.sort(np.asarray(neg, float))
+    ranks = _average_ranks(np.concatenate([pos, neg]))
+    # AUC = P(d_neg > d_pos) + P(equal) / 2 (Mann-Whitney on the negated distance).
+    auc = (ranks[len(pos):].sum() - len(neg) * (len(neg) + 1) / 2) / (len(pos) * len(neg))
+    out = {"roc_auc": float(auc)}
+
+    thresholds = np.unique(np.concatenate([pos, neg, [np.inf]]))
+    far = np.searchsorted(neg, thresholds, side="left") / len(neg)
+    frr = 1 - np.searchsorted(pos, thresholds, side="left") / len(pos)
+    best = np.argmin(np.abs(far - frr))
+    out["eer"] = float((far[best] + frr[best]) / 2)
+    out["eer_threshold"] = float(thresholds[best])
+    for name, rate in (("1e-2", 1e-2), ("1e-3", 1e-3)):
+        k = int(np.floor(rate * len(neg) + 1e-9))
+        threshold = neg[k] if k < len(neg) else np.inf
+        out[f"tar_at_far_{name}"] = float(np.searchsorted(pos, threshold, side="left") / len(pos))
+        out[f"threshold_at_far_{name}"] = float(threshold)
+    return out
+
+
+def silhouette(emb: np.ndarray, labels: np.ndarray, distance: str, weights=None) -> float:
+    """Mean silhouette ``(b - a) / max(a, b)``; a sample alone in its class scores 0 (scikit-learn's rule)."""
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    scores = np.empty(len(emb))
+    for start in range(0, len(emb), _CHUNK):
+        stop = min(start + _CHUNK, len(emb))
+        d = pairwise_distances(emb[start:stop], emb, distance, weights)
+        sums = np.zeros((stop - start, len(classes)))
+        np.add.at(sums.T, inverse, d.T)
+        own = inverse[start:stop]
+        rows = np.arange(stop - start)
+        a = sums[rows, own] / np.maximum(counts[own] - 1, 1)
+        means = sums / counts[None, :]
+        means[rows, own] = np.inf
+        b = means.min(1)
+        s = (b - a) / np.maximum(np.maximum(a, b), _EPS)
+        scores[start:stop] = np.where(counts[own] > 1, s, 0.0)
+    return float(scores.mean())
+
+
+def retrieval_metrics(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    distance: str = "euclidean",
+    weights: np.ndarray | None = None,
+    knn_k: int = 5,
+    episodes: int = 1000,
+    max_pairs: int = 500_000,
+    silhouette_samples: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Every metric of a labelled set of embeddings, as a flat dict of floats.
+
+    ``precision_at_1``, ``r_precision``, ``mean_average_precision_at_r``, ``knn_accuracy``
+    (majority of ``knn_k`` neighbours), ``one_shot_5way`` / ``one_shot_20way`` (``episodes``
+    seeded episodes, when the set has that many classes), ``roc_auc``, ``eer``,
+    ``eer_threshold``, ``tar_at_far_1e-2``, ``tar_at_far_1e-3`` and their thresholds (over all
+    pairs, or ``max_pairs`` random ones), ``silhouette`` (on at most ``silhouette_samples``) and
+    ``intra_inter_distance_ratio`` (mean same-class over mean other-class pair distance).
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    labels = np.asarray(labels)
+    if emb.ndim != 2 or labels.shape != (len(emb),):
+        raise ValueError(f"expected embeddings (N, D) and labels (N,), got {emb.shape} and {labels.shape}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2 or counts.max() < 2:
+        raise ValueError("metrics need at least 2 classes and a class with at least 2 samples")
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+
+    out: dict = {"num_samples": len(emb), "num_classes": len(classes)}
+    out.update(_rank_metrics(emb, labels, distance, weights, knn_k))
+    for ways in (5, 20):
+        acc = _one_shot(emb, labels, distance, weights, ways, episodes, rng)
+        if acc is not None:
+            out[f"one_shot_{ways}way"] = acc
+
+    i, j = _sample_pairs(len(emb), max_pairs, rng)
+    d = _pair_distances(emb, i, j, distance, weights)
+    same = labels[i] == labels[j]
+    out.update(verification_metrics(d[same], d[~same]))
+    out["intra_inter_distance_ratio"] = float(d[same].mean() / max(d[~same].mean(), _EPS))
+
+    sub = np.arange(len(emb))
+    if len(emb) > silhouette_samples:
+        sub = np.sort(rng.choice(len(emb), silhouette_samples, replace=False))
+    out["silhouette"] = silhouette(emb[sub], labels[sub], distance, weights)
+    return out
