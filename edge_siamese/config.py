@@ -1,0 +1,74 @@
+"""The training configuration: one dataclass, saved as JSON beside every result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .errors import UserError
+from .losses import LOSSES
+from .miners import MINERS
+from .models import BACKBONES, HEADS, MAX_DIM, MIN_DIM
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    split: str = "samples"  # "samples" (closed set) or "classes" (open set)
+    test_fraction: float | None = None  # None: 0.2 of each class, or 0.5 of the classes
+    val_fraction: float = 0.1
+    split_seed: int = 0  # fixed across training seeds, so that seeds share one split
+    backbone: str = "convnet"
+    embedding_dim: int = 8
+    head: str | None = None  # None: the head the loss is meant for
+    loss: str = "shadow"
+    margin: float | None = None  # None: the loss's default
+    miner: str = "batch-all"
+    epochs: int = 20
+    batch_size: int = 128
+    samples_per_class: int = 8  # K of the P x K batches; P = batch_size // K, at most the class count
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+
+    @property
+    def resolved_head(self) -> str:
+        return self.head or LOSSES[self.loss].head
+
+    def validate(self) -> "TrainConfig":
+        """Raise a ``UserError`` naming the first bad field; return self."""
+        if self.loss not in LOSSES:
+            raise UserError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.backbone not in BACKBONES:
+            raise UserError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
+        if self.head is not None and self.head not in HEADS:
+            raise UserError(f"unknown head {self.head!r}: choose one of {', '.join(HEADS)}")
+        if self.miner not in MINERS:
+            raise UserError(f"unknown miner {self.miner!r}: choose one of {', '.join(MINERS)}")
+        if not MIN_DIM <= self.embedding_dim <= MAX_DIM:
+            raise UserError(f"--dim {self.embedding_dim} is out of range: use {MIN_DIM} to {MAX_DIM}")
+        if self.loss == "lossless" and self.resolved_head != "sigmoid":
+            raise UserError("the lossless loss needs embeddings in [0, 1]: use --head sigmoid (its default)")
+        for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 4), ("samples_per_class", self.samples_per_class, 2)):
+            if value < low:
+                raise UserError(f"--{name.replace('_', '-')} {value} is too small: use at least {low}")
+        if self.samples_per_class > self.batch_size // 2:
+            raise UserError(f"--samples-per-class {self.samples_per_class} leaves fewer than 2 classes in a batch of {self.batch_size}")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr} must be positive")
+        if self.margin is not None and LOSSES[self.loss].margin is None:
+            raise UserError(f"the {self.loss} loss has no margin: drop --margin")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"unknown device {self.device!r}: use auto, cpu or cuda")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)

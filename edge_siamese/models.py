@@ -1,0 +1,109 @@
+"""Small embedding networks behind one registry: ``create_model("convnet", ...)``.
+
+Every model is backbone -> global average pool -> linear -> head and exports to ONNX and
+TFLite as it is: no data-dependent control flow, and the L2 head is ``x / norm.clamp_min(eps)``
+(``F.normalize`` breaks ONNX Runtime quantization and TFLite conversion).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+HEADS = ("l2", "sigmoid", "none")
+MIN_DIM, MAX_DIM = 2, 1024
+MIN_INPUT = 8
+
+
+def _num_downsamples(input_size: tuple[int, int]) -> int:
+    """Stride-2 stages that bring the smaller side down to about 4 pixels (at most 4 stages)."""
+    side, stages = min(input_size), 0
+    while side > 4 and stages < 4:
+        side, stages = (side + 1) // 2, stages + 1
+    return stages
+
+
+def _conv_bn(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, kernel: int = 3) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def convnet(in_channels: int, input_size: tuple[int, int]) -> tuple[nn.Module, int]:
+    """Compact CNN for 8x8 to 32x32 inputs: a 32-channel stem, then stride-2 3x3 stages doubling the width."""
+    layers, width = _conv_bn(in_channels, 32), 32
+    for _ in range(_num_downsamples(input_size)):
+        layers += _conv_bn(width, width * 2, stride=2) + _conv_bn(width * 2, width * 2)
+        width *= 2
+    return nn.Sequential(*layers), width
+
+
+def mobilenet(in_channels: int, input_size: tuple[int, int]) -> tuple[nn.Module, int]:
+    """MobileNet-v1-style stack of depthwise-separable blocks (3x3 depthwise + 1x1 pointwise)."""
+    layers, width = _conv_bn(in_channels, 32), 32
+
+    def separable(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
+        return _conv_bn(in_ch, in_ch, stride=stride, groups=in_ch) + _conv_bn(in_ch, out_ch, kernel=1)
+
+    layers += separable(32, 64, 1)
+    width = 64
+    for _ in range(_num_downsamples(input_size)):
+        layers += separable(width, width * 2, 2) + separable(width * 2, width * 2, 1)
+        width *= 2
+    return nn.Sequential(*layers), width
+
+
+BACKBONES: dict[str, Callable[[int, tuple[int, int]], tuple[nn.Module, int]]] = {
+    "convnet": convnet,
+    "mobilenet": mobilenet,
+}
+
+
+class EmbeddingNet(nn.Module):
+    """``(B, C, H, W)`` float32 -> ``(B, embedding_dim)`` embeddings."""
+
+    def __init__(self, features: nn.Module, width: int, embedding_dim: int, head: str, eps: float = 1e-12):
+        super().__init__()
+        self.features = features
+        self.embed = nn.Linear(width, embedding_dim)
+        self.head = head
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x).mean(dim=(2, 3))
+        x = self.embed(x)
+        if self.head == "l2":
+            return x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(self.eps)
+        if self.head == "sigmoid":
+            return torch.sigmoid(x)
+        return x
+
+
+def create_model(
+    name: str, in_channels: int, input_size: tuple[int, int], embedding_dim: int, head: str = "l2"
+) -> EmbeddingNet:
+    """Build a registered backbone with an embedding layer and an output head (``l2``, ``sigmoid``, ``none``)."""
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+    if head not in HEADS:
+        raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+    if not MIN_DIM <= embedding_dim <= MAX_DIM:
+        raise UserError(f"embedding dim {embedding_dim} is out of range: use {MIN_DIM} to {MAX_DIM}")
+    if min(input_size) < MIN_INPUT:
+        raise UserError(f"input size {input_size[0]}x{input_size[1]} is too small: images must be at least {MIN_INPUT}x{MIN_INPUT}")
+    features, width = BACKBONES[name](in_channels, input_size)
+    return EmbeddingNet(features, width, embedding_dim, head)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Embeddings of preprocessed ``inputs`` in eval mode, batch by batch, on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)])

@@ -1,0 +1,199 @@
+"""The training loop: data -> P x K batches -> model -> (miner) -> loss -> AdamW, one checkpoint per epoch.
+
+Reads top to bottom. Each epoch's batches depend only on (seed, epoch), so a run resumed
+from its checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from device_bench.metrics import retrieval_metrics
+
+from . import __version__
+from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
+from .config import TrainConfig
+from .data import ImageSet, PKSampler, Preprocessing, load_dataset, split_dataset
+from .errors import UserError
+from .files import write_json
+from .miners import create_miner
+from .models import embed
+from .plots import plot_training_curves
+from .progress import progress_bar
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available (torch {torch.__version__}, no GPU found): use --device cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class PreparedData:
+    """A dataset split and preprocessed as a config says."""
+
+    dataset: ImageSet
+    splits: dict[str, np.ndarray]
+    preprocessing: Preprocessing
+
+    def inputs(self, split: str) -> torch.Tensor:
+        return self.preprocessing(self.dataset.images[self.splits[split]])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.dataset.labels[self.splits[split]]
+
+
+def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None) -> PreparedData:
+    """Load and split the dataset; fit the preprocessing on the training split unless one is given."""
+    dataset = load_dataset(config.dataset)
+    splits = split_dataset(dataset.labels, config.split, config.test_fraction, config.val_fraction, config.split_seed)
+    for name in ("train", "val", "test"):
+        if len(np.unique(dataset.labels[splits[name]])) < 2:
+            raise UserError(f"the {name} split of {config.dataset} has fewer than 2 classes: use a larger dataset or other fractions")
+    if preprocessing is None:
+        preprocessing = Preprocessing.fit(dataset.images[splits["train"]], dataset.scale)
+    elif (preprocessing.input_size, preprocessing.channels) != (dataset.input_size, dataset.channels):
+        raise UserError(
+            f"{config.dataset} now holds {dataset.input_size} images with {dataset.channels} channel(s), "
+            f"but the run was trained on {preprocessing.input_size} with {preprocessing.channels}"
+        )
+    return PreparedData(dataset, splits, preprocessing)
+
+
+def validation_metrics(model, loss, inputs: torch.Tensor, labels: np.ndarray, **kwargs) -> dict:
+    """Every retrieval metric of ``inputs`` under the distance the loss trains."""
+    weights = loss.weights.detach().cpu().numpy() if hasattr(loss, "weights") else None
+    return retrieval_metrics(embed(model, inputs).numpy(), labels, loss.distance.name, weights, **kwargs)
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Train ``config`` into the run folder ``out``; return its ``metrics.json`` content.
+
+    ``out`` holds ``config.json`` from the start, ``checkpoint.pt`` after each epoch, and
+    ``model.safetensors``, ``metrics.json`` and ``training_curves.png`` once training ends.
+    """
+    out = Path(out)
+    if resume:
+        config, preprocessing = read_config(out)
+        if (out / METRICS).exists():
+            raise UserError(f"{out} has finished training: nothing to resume")
+        state = load_checkpoint(out / CHECKPOINT)
+    else:
+        if out.exists() and not force:
+            raise UserError(f"{out} already exists: pass --force to overwrite it, or --resume to continue it")
+        preprocessing, state = None, None
+    config.validate()
+    device = resolve_device(config.device)
+    data = prepare_data(config, preprocessing)
+
+    torch.manual_seed(config.seed)
+    model, loss_fn = build(config, data.preprocessing)
+    model, loss_fn = model.to(device), loss_fn.to(device)
+    miner = create_miner(config.miner, getattr(loss_fn, "margin", 0.2), loss_fn.distance)
+    optimizer = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+
+    x_train = data.inputs("train").to(device)
+    y_train_np = data.labels("train")
+    y_train = torch.from_numpy(y_train_np).to(device)
+    x_val, y_val = data.inputs("val"), data.labels("val")
+    classes_per_batch = max(2, config.batch_size // config.samples_per_class)
+    num_batches = max(1, len(y_train_np) // config.batch_size)
+    sampler = PKSampler(y_train_np, classes_per_batch, config.samples_per_class, num_batches, seed=config.seed)
+
+    history: list[dict] = []
+    start_epoch, elapsed = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, elapsed, history = state["epoch"], state["train_time_s"], state["history"]
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        write_json(out / CONFIG, {"toolkit_version": __version__, "train": config.to_dict(), "preprocessing": data.preprocessing.to_dict()})
+
+    bar = progress_bar(total=(config.epochs - start_epoch) * num_batches, desc=f"{config.loss} d={config.embedding_dim}", enabled=progress, unit="batch")
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        model.train()
+        sampler.set_epoch(epoch)
+        losses = []
+        for step, batch in enumerate(sampler):
+            idx = torch.as_tensor(batch, device=device)
+            embeddings = model(x_train[idx])
+            labels = y_train[idx]
+            indices_tuple = miner(embeddings, labels) if miner is not None else None
+            loss = loss_fn(embeddings, labels, indices_tuple=indices_tuple)
+            if not torch.isfinite(loss):
+                bar.close()
+                kept = f"the last good checkpoint (epoch {epoch}) is kept in {out}" if epoch else "no epoch finished, so no checkpoint"
+                raise UserError(
+                    f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"{kept}. Lower --lr (now {config.lr}) and train again"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+        scheduler.step()
+        val = validation_metrics(model, loss_fn, x_val, y_val, episodes=200)
+        elapsed += time.perf_counter() - started
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                "val_precision_at_1": val["precision_at_1"],
+                "val_mean_average_precision_at_r": val["mean_average_precision_at_r"],
+                "elapsed_s": elapsed,
+            }
+        )
+        save_checkpoint(
+            out / CHECKPOINT,
+            {
+                "model": model.state_dict(),
+                "loss": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "train_time_s": elapsed,
+                "history": history,
+            },
+        )
+    bar.close()
+
+    final = validation_metrics(model, loss_fn, x_val, y_val)
+    metrics = {
+        "final": {f"val_{k}": v for k, v in final.items()},
+        "history": history,
+        "epochs": config.epochs,
+        "train_time_s": elapsed,
+        "device": str(device),
+        **peak_memory_mb(device),
+    }
+    save_weights(out / WEIGHTS, model, loss_fn)
+    plot_training_curves(history, out / "training_curves.png", title=f"{config.loss}, d={config.embedding_dim}")
+    write_json(out / METRICS, metrics)
+    return metrics
+
