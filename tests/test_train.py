@@ -1,0 +1,121 @@
+"""The training loop: its outputs, every loss and miner, resume after a kill, divergence and the CUDA gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CLI, assert_one_line_error, run_cli
+from edge_siamese.checkpoints import load_run
+from edge_siamese.config import TrainConfig
+from edge_siamese.errors import UserError
+from edge_siamese.losses import LOSSES
+from edge_siamese.miners import MINERS
+from edge_siamese.train import resolve_device, train
+
+
+def test_run_folder_holds_everything_needed_to_rebuild(shadow_run):
+    names = {p.name for p in shadow_run.iterdir()}
+    assert {"config.json", "model.safetensors", "metrics.json", "training_curves.png", "checkpoint.pt"} <= names
+    config = json.loads((shadow_run / "config.json").read_text())
+    assert config["train"]["loss"] == "shadow" and config["train"]["embedding_dim"] == 8
+    pre = config["preprocessing"]
+    assert pre["input_size"] == [8, 8] and pre["channels"] == 1 and pre["scale"] == pytest.approx(1 / 16)
+    metrics = json.loads((shadow_run / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 21))
+    assert metrics["final"]["val_precision_at_1"] > 0.9
+    assert metrics["peak_rss_mb"] > 50 and metrics["train_time_s"] > 0
+    assert (shadow_run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = load_run(shadow_run)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(run.model(x).norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_every_loss_trains_and_learns_something(tmp_path, loss):
+    metrics = train(TrainConfig(loss=loss, embedding_dim=8, epochs=3), tmp_path / loss, progress=False)
+    assert all(map(torch.isfinite, torch.tensor([h["train_loss"] for h in metrics["history"]])))
+    assert metrics["final"]["val_precision_at_1"] > 0.3  # chance is 0.1
+
+
+def test_koch_head_is_saved_with_the_model(tmp_path):
+    train(TrainConfig(loss="koch", embedding_dim=4, epochs=2), tmp_path / "koch", progress=False)
+    tensors = load_file(str(tmp_path / "koch" / "model.safetensors"))
+    assert {"loss.rho", "loss.bias"} <= set(tensors)
+    assert not torch.equal(tensors["loss.rho"], torch.zeros(4))  # trained, not the initial value
+
+
+@pytest.mark.parametrize("miner", [m for m in MINERS if m != "batch-all"])
+def test_every_miner_trains(tmp_path, miner):
+    metrics = train(TrainConfig(miner=miner, epochs=2), tmp_path / miner, progress=False)
+    assert metrics["final"]["val_precision_at_1"] > 0.3
+
+
+def test_mobilenet_and_class_split(tmp_path):
+    config = TrainConfig(backbone="mobilenet", split="classes", epochs=2)
+    metrics = train(config, tmp_path / "m", progress=False)
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["train"]
+    assert saved["backbone"] == "mobilenet" and saved["split"] == "classes"
+    assert metrics["final"]["val_num_classes"] == 5  # the other 5 digits are held out for the test split
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    args = ["train", "--epochs", "8", "--quiet"]
+    run_cli(*args, "--out", tmp_path / "whole")
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([str(CLI), *args, "--out", str(interrupted)], stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(checkpoint, weights_only=True)
+    assert 1 <= state["epoch"] < 8, "the kill should land mid-run"
+    assert not (interrupted / "metrics.json").exists()
+    assert_one_line_error(run_cli("evaluate", interrupted, check=False), "--resume")
+
+    run_cli("train", "--resume", "--quiet", "--out", interrupted)
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    resumed = load_file(str(interrupted / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    history = json.loads((interrupted / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    assert_one_line_error(run_cli("train", "--resume", "--out", interrupted, check=False), "nothing to resume")
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = run_cli("train", "--loss", "shadow-raw", "--lr", "1e8", "--quiet", "--out", out, check=False)
+    assert_one_line_error(proc, "training stopped", "Lower --lr")
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+    if "is kept" in proc.stderr:
+        assert torch.isfinite(torch.load(out / "checkpoint.pt", weights_only=True)["model"]["embed.weight"]).all()
+    else:
+        assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")
+def test_cuda_gate_without_a_gpu(tmp_path):
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_device("cuda")
+    out = tmp_path / "cuda"
+    assert_one_line_error(run_cli("train", "--device", "cuda", "--out", out, check=False), "CUDA is not available")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_trains_on_cuda(tmp_path):
+    metrics = train(TrainConfig(device="cuda", epochs=3), tmp_path / "gpu", progress=False)
+    assert metrics["device"].startswith("cuda") and metrics["peak_cuda_mb"] > 0
+    assert metrics["final"]["val_precision_at_1"] > 0.5
