@@ -45,8 +45,14 @@ def train(loss_name, embedding_dim, out, force, resume, quiet, **options) -> Non
     from .config import TrainConfig
     from .train import train as run_training
 
-    if resume and out is None:
-        raise UserError("--resume needs --out RUN, the folder of the run to continue")
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out RUN, the folder of the run to continue")
+        ctx = click.get_current_context()
+        given = [p.opts[0] for p in ctx.command.params if p.name in ("loss_name", "embedding_dim", *options)
+                 and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise UserError(f"--resume continues with the settings in {out}/config.json: drop {', '.join(given)}")
     config = TrainConfig(loss=loss_name, embedding_dim=embedding_dim, **options)
     out = out or Path("runs") / f"{loss_name}-d{embedding_dim}"
     metrics = run_training(config, out, resume=resume, force=force, progress=not quiet)

@@ -116,3 +116,9 @@ def test_version_and_help():
     help_text = run_cli("train", "--help").stdout
     for option in ("--dataset", "--loss", "--dim", "--miner", "--resume", "--quiet", "--device"):
         assert option in help_text
+
+
+def test_resume_refuses_new_settings(shadow_run):
+    proc = run_cli("train", "--resume", "--out", shadow_run, "--dim", "4", "--lr", "0.1", check=False)
+    assert_one_line_error(proc, "drop --dim, --lr")
+    assert_one_line_error(run_cli("train", "--resume", check=False), "--resume needs --out")
