@@ -82,7 +82,7 @@ def _rank_metrics(emb, labels, distance, weights, knn_k):
     tied = votes[np.arange(len(emb))[:, None], neigh_idx] == votes.max(1)[:, None]
     predicted = neigh[np.arange(len(emb)), tied.argmax(1)]
     return {
-        "precision_at_1": float(hits[:, 0].mean()),
+        "precision_at_1": float(hits[has_r, 0].mean()),
         "r_precision": float(r_precision[has_r].mean()),
         "mean_average_precision_at_r": float(map_at_r[has_r].mean()),
         "knn_accuracy": float((predicted == labels).mean()),
