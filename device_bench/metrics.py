@@ -4,7 +4,8 @@
 (leave-one-out), the protocol of pytorch-metric-learning's ``AccuracyCalculator`` with
 ``reference = query``; its definitions of ``precision_at_1``, ``r_precision`` and
 ``mean_average_precision_at_r`` are followed exactly. Distances are "smaller is more similar";
-``shadow`` is anchor-relative (row = query). Work is done in row chunks, so memory stays
+``shadow`` is anchor-relative (row = query). As in pml, a query alone in its class is left out
+of the three rank metrics. Work is done in row chunks, so memory stays
 ``O(chunk x N)`` whatever N is.
 """
 
