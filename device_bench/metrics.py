@@ -239,3 +239,37 @@ def retrieval_metrics(
         sub = np.sort(rng.choice(len(emb), silhouette_samples, replace=False))
     out["silhouette"] = silhouette(emb[sub], labels[sub], distance, weights)
     return out
+
+
+def embedding_agreement(
+    embeddings: np.ndarray,
+    reference: np.ndarray,
+    labels: np.ndarray | None = None,
+    distance: str = "euclidean",
+    weights: np.ndarray | None = None,
+) -> dict:
+    """How closely ``embeddings`` (an exported model's) follow ``reference`` (the trained model's).
+
+    Per-row cosine (mean, min) and largest absolute difference; the fraction of rows whose
+    nearest other row is the same in both; with ``labels``, ``precision_at_1`` of both.
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    cos = (emb * ref).sum(1) / np.maximum(np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1), _EPS)
+    out = {
+        "num_samples": len(emb),
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "max_abs_diff": float(np.abs(emb - ref).max()),
+    }
+    nearest = []
+    for x in (emb, ref):
+        d = pairwise_distances(x, x, distance, weights)
+        np.fill_diagonal(d, np.inf)
+        nearest.append(d.argmin(1))
+    out["top1_neighbour_agreement"] = float((nearest[0] == nearest[1]).mean())
+    if labels is not None:
+        labels = np.asarray(labels)
+        out["precision_at_1"] = _rank_metrics(emb, labels, distance, weights, 1)["precision_at_1"]
+        out["reference_precision_at_1"] = _rank_metrics(ref, labels, distance, weights, 1)["precision_at_1"]
+    return out

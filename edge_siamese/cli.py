@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from device_bench.manifest import BundleError
+
 from .errors import UserError
 from .losses import LOSSES
 from .miners import MINERS
@@ -85,11 +87,53 @@ def evaluate(run_dir, split, json_path, device, force) -> None:
     click.echo(f"wrote {path}")
 
 
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "formats", default=None, help="Comma-separated: onnx, tflite  [default: onnx, and tflite when its extra is installed]")
+@click.option("--int8", is_flag=True, help="Add int8 files (static quantization, calibrated).")
+@click.option("--fp16", is_flag=True, help="Add fp16 files.")
+@click.option("--calib-samples", type=int, default=256, show_default=True, help="Training images to calibrate int8 on.")
+@click.option("--calib-data", default=None, help="Where the run's dataset is now, if it moved.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder  [default: RUN/bundle]")
+@click.option("--zip", "make_zip", is_flag=True, help="Also write BUNDLE.zip.")
+@click.option("--allow-degraded", is_flag=True, help="Write the bundle even if a file fails its fidelity check (marked degraded).")
+@click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, make_zip, allow_degraded, force, quiet) -> None:
+    """Export a trained run to ONNX / TFLite (fp32, fp16, int8), check each file, write a bundle."""
+    from export.exporter import export_run, parse_formats
+
+    precisions = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 else [])
+    format_list = parse_formats(formats)
+    if formats is None and "tflite" not in format_list:
+        click.echo("note: TFLite skipped (pip install 'edge-siamese[tflite]' to add it)", err=True)
+    out = out or Path(run_dir) / "bundle"
+    rows, written = export_run(
+        run_dir, out, format_list, precisions, calib_samples, calib_data, force, make_zip, allow_degraded, progress=not quiet
+    )
+    click.echo(f"{'format':<7} {'precision':<9} {'status':<9} {'size KB':>8} {'mean cos':>9} {'min cos':>9} {'top-1 agree':>11} {'P@1':>6} {'P@1 torch':>9}")
+    for r in rows:
+        f = r.fidelity
+        size = f"{r.entry['size_bytes'] / 1024:8.1f}" if r.entry else f"{'-':>8}"
+        figures = (
+            f"{f['mean_cosine']:9.5f} {f['min_cosine']:9.5f} {f['top1_neighbour_agreement']:11.3f} {f['precision_at_1']:6.4f} {f['reference_precision_at_1']:9.4f}"
+            if f else ""
+        )
+        click.echo(f"{r.format:<7} {r.precision:<9} {r.status:<9} {size} {figures}")
+    bad = [r for r in rows if r.status != "verified"]
+    if written is None:
+        details = "; ".join(f"{r.format} {r.precision}: {r.problem}" for r in bad)
+        raise UserError(
+            f"no bundle written: {details}. Try more --calib-samples, or pass --allow-degraded to keep the files marked degraded"
+        )
+    click.echo(f"wrote {written}" + (f" ({len(bad)} file(s) marked {', '.join(sorted({r.status for r in bad}))})" if bad else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
     try:
         cli.main(args=argv, standalone_mode=False)
-    except UserError as exc:
+    except (UserError, BundleError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except click.exceptions.Abort:

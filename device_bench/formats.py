@@ -1,0 +1,26 @@
+"""The one table of export formats: it drives the exporter, the checks, the bundle and the report rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    suffix: str
+    precisions: tuple[str, ...]
+    runtimes: tuple[str, ...]  # the runtimes that can run it, preferred first
+    extra: str | None  # the pip extra of edge-siamese that exports it, if any
+
+
+FORMATS: dict[str, Format] = {
+    "onnx": Format("onnx", ".onnx", ("fp32", "fp16", "int8"), ("onnxruntime",), None),
+    "tflite": Format("tflite", ".tflite", ("fp32", "fp16", "int8"), ("litert", "tflite-runtime"), "tflite"),
+}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def file_name(fmt: str, precision: str) -> str:
+    """The bundle's name for a model file, e.g. ``model_int8.onnx``."""
+    return f"model_{precision}{FORMATS[fmt].suffix}"

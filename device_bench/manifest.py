@@ -1,0 +1,177 @@
+"""The bundle's ``manifest.json``: its schema, its validator and the bundle reader (torch-free).
+
+A bundle is a folder holding the model files, ``manifest.json``, ``eval.npz`` (a small labelled
+held-out set) and ``golden.npz`` (raw inputs, their preprocessed form and the PyTorch fp32
+reference embeddings). Reading one validates the manifest and checks every file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .formats import FORMATS, PRECISIONS
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+STATUSES = ("verified", "degraded")
+
+# The schema: a dict gives the required keys of an object, a tuple the types a value may take.
+NUMBER = (int, float)
+QUANT_IO = {"name": (str,), "dtype": (str,), "shape": (list,), "scale": (float, type(None)), "zero_point": (int, type(None))}
+FIDELITY = {
+    "num_samples": (int,),
+    "mean_cosine": NUMBER,
+    "min_cosine": NUMBER,
+    "max_abs_diff": NUMBER,
+    "top1_neighbour_agreement": NUMBER,
+    "precision_at_1": NUMBER,
+    "reference_precision_at_1": NUMBER,
+}
+FILE = {
+    "path": (str,),
+    "format": (str,),
+    "precision": (str,),
+    "size_bytes": (int,),
+    "sha256": (str,),
+    "status": (str,),
+    "input": QUANT_IO,
+    "output": QUANT_IO,
+    "fidelity": FIDELITY,
+}
+DATA_FILE = {"path": (str,), "sha256": (str,), "num_samples": (int,)}
+SCHEMA = {
+    "schema_version": (int,),
+    "toolkit_version": (str,),
+    "created_utc": (str,),
+    "input": {"name": (str,), "shape": (list,), "layout": (str,), "dtype": (str,)},
+    "preprocessing": {
+        "resize": (list,),
+        "channels": (int,),
+        "color": (str,),
+        "scale": NUMBER,
+        "mean": (list,),
+        "std": (list,),
+    },
+    "embedding": {
+        "output_name": (str,),
+        "dim": (int,),
+        "l2_normalized": (bool,),
+        "distance": (str,),
+        "distance_weights": (list, type(None)),
+    },
+    "thresholds": {"far_1e-2": NUMBER, "far_1e-3": NUMBER, "accept": (str,), "measured_on": (str,)},
+    "training": {"loss": (str,), "embedding_dim": (int,), "dataset": (str,), "backbone": (str,), "metrics": (dict,)},
+    "eval": DATA_FILE,
+    "golden": DATA_FILE,
+    "files": (list,),
+}
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used as it is; the message says what is wrong and what to do."""
+
+
+def field_names(schema: dict = SCHEMA, prefix: str = "") -> set[str]:
+    """Every dotted field name the schema defines (``files[].fidelity.min_cosine`` and so on)."""
+    names = set()
+    for key, spec in schema.items():
+        names.add(prefix + key)
+        if isinstance(spec, dict):
+            names |= field_names(spec, f"{prefix}{key}.")
+    names |= {f"files[].{n}" for n in field_names(FILE)} if not prefix else set()
+    return names
+
+
+def _check(value, spec, where: str) -> None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise BundleError(f"manifest field {where or 'root'} must be an object")
+        for key, sub in spec.items():
+            if key not in value:
+                raise BundleError(f"manifest is missing {where + '.' if where else ''}{key}: export the bundle again")
+            _check(value[key], sub, f"{where + '.' if where else ''}{key}")
+    elif not isinstance(value, spec) or (isinstance(value, bool) and bool not in spec):
+        names = " or ".join(t.__name__ for t in spec)
+        raise BundleError(f"manifest field {where} must be {names}, got {type(value).__name__}")
+
+
+def validate_manifest(manifest: dict) -> dict:
+    """Raise ``BundleError`` at the first field that breaks the schema; return the manifest."""
+    _check(manifest, SCHEMA, "")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle schema version {manifest['schema_version']} is not {SCHEMA_VERSION}: use the matching device_bench"
+        )
+    if not manifest["files"]:
+        raise BundleError("manifest lists no model files")
+    for i, entry in enumerate(manifest["files"]):
+        _check(entry, FILE, f"files[{i}]")
+        if entry["format"] not in FORMATS or entry["precision"] not in PRECISIONS or entry["status"] not in STATUSES:
+            raise BundleError(f"files[{i}] has an unknown format, precision or status: {entry['format']}, {entry['precision']}, {entry['status']}")
+    return manifest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A validated bundle on disk; ``eval.npz`` and ``golden.npz`` are read only when asked for."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def files(self) -> list[dict]:
+        return self.manifest["files"]
+
+    def file(self, fmt: str, precision: str) -> dict:
+        for entry in self.files:
+            if entry["format"] == fmt and entry["precision"] == precision:
+                return entry
+        have = ", ".join(f"{e['format']} {e['precision']}" for e in self.files)
+        raise BundleError(f"the bundle has no {fmt} {precision} model (it has: {have}): export it with that precision")
+
+    def _arrays(self, key: str) -> dict[str, np.ndarray]:
+        with np.load(self.path / self.manifest[key]["path"], allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    def eval_set(self) -> dict[str, np.ndarray]:
+        """``images`` (raw, N x H x W x C) and ``labels``."""
+        return self._arrays("eval")
+
+    def golden(self) -> dict[str, np.ndarray]:
+        """``images`` (raw), ``inputs`` (preprocessed, NCHW float32) and ``embeddings`` (PyTorch fp32)."""
+        return self._arrays("golden")
+
+
+def read_bundle(path: Path) -> Bundle:
+    """Read and validate ``path/manifest.json`` and check the sha256 of every file it lists."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} is not a bundle (no {MANIFEST}): pass the folder 'edge-siamese export' wrote")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON ({exc}): export the bundle again") from None
+    validate_manifest(manifest)
+    for entry in [*manifest["files"], manifest["eval"], manifest["golden"]]:
+        file_path = path / entry["path"]
+        if not file_path.is_file():
+            raise BundleError(f"{entry['path']} is missing from {path}: copy the whole bundle folder")
+        if sha256_file(file_path) != entry["sha256"]:
+            raise BundleError(
+                f"{entry['path']} in {path} does not match its sha256 in {MANIFEST} (changed or truncated): copy or export the bundle again"
+            )
+    return Bundle(path, manifest)

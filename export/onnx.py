@@ -1,0 +1,100 @@
+"""torch -> ONNX (fp32, dynamic batch), fp16 conversion and ONNX Runtime static int8 quantization."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+
+
+def export_fp32(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
+    """The model with a dynamic batch axis, checked by ``onnx.checker``, ``metadata`` in ``metadata_props``."""
+    model = model.eval().cpu()
+    torch.onnx.export(
+        model,
+        (example[:2].cpu(),),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        external_data=False,
+        verbose=False,
+    )
+    _finish(onnx.load(str(path)), path, metadata)
+
+
+def _finish(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> None:
+    """Write ``metadata`` into ``metadata_props``, check the model and save it."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def export_fp16(fp32_path: Path, path: Path, metadata: dict[str, str]) -> None:
+    """Weights and arithmetic in float16; the input and output stay float32 for the caller."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    _sort_nodes(proto.graph)  # the converter appends its input casts after their consumers
+    _finish(proto, path, metadata)
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order the graph's nodes so that each comes after the producers of its inputs."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        progress = [n for n in pending if all(i in ready for i in n.input)]
+        if not progress:
+            raise ValueError("the fp16 graph has a cycle or a dangling input")
+        for node in progress:
+            ready.update(node.output)
+            ordered.append(node)
+        pending = [n for n in pending if all(n is not p for p in progress)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def cpu_needs_reduce_range() -> bool:
+    """7-bit weights avoid int8 overflow only on x86 CPUs without VNNI; elsewhere they cost accuracy."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray, metadata: dict[str, str]) -> None:
+    """ONNX Runtime static quantization: QDQ, int8 per-channel weights, int8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration.astype(np.float32), max(1, len(calibration) // 32)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    quantize_static(
+        str(fp32_path),
+        str(path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=cpu_needs_reduce_range(),
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+    )
+    _finish(onnx.load(str(path)), path, metadata)

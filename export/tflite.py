@@ -1,0 +1,82 @@
+"""torch -> TFLite without TensorFlow: litert-torch converts, ai-edge-quantizer quantizes.
+
+Needs the ``tflite`` extra (``pip install edge-siamese[tflite]``). Models are converted with a
+batch of 1 and keep the NCHW layout of the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_siamese.errors import UserError
+
+REQUIRED = ("litert_torch", "ai_edge_quantizer", "ai_edge_litert")
+
+
+def require_extra() -> None:
+    missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"TFLite export needs {', '.join(missing)}: pip install 'edge-siamese[tflite]' (about 2 GB), or use --format onnx"
+        )
+
+
+def export_fp32(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    import litert_torch
+
+    litert_torch.convert(model.eval().cpu(), (example[:1].cpu(),)).export(str(path))
+
+
+def _quantize(fp32_path: Path, path: Path, recipe, calibration: np.ndarray | None) -> None:
+    import ai_edge_quantizer as aq
+
+    quantizer = aq.Quantizer(str(fp32_path), recipe)
+    result = None
+    if calibration is not None:
+        signature, names = _signature(fp32_path)
+        samples = [{names[0]: x[None].astype(np.float32)} for x in calibration]
+        result = quantizer.calibrate({signature: samples}, num_threads=1)
+    quantizer.quantize(result, enable_progress_report=False).export_model(str(path), overwrite=True)
+
+
+def _signature(path: Path) -> tuple[str, list[str]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    signatures = Interpreter(model_path=str(path)).get_signature_list()
+    key = next(iter(signatures))
+    return key, signatures[key]["inputs"]
+
+
+def export_fp16(fp32_path: Path, path: Path) -> None:
+    """float16 weights (ai-edge-quantizer's FLOAT_CASTING weight-only recipe), float32 arithmetic and I/O."""
+    from ai_edge_quantizer import algorithm_manager, qtyping, recipe_manager
+
+    manager = recipe_manager.RecipeManager()
+    manager.add_weight_only_config(
+        regex=".*",
+        operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+        num_bits=16,
+        algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING,
+    )
+    _quantize(fp32_path, path, manager.get_quantization_recipe(), None)
+
+
+# The backbone's ops run in int8 (per-channel weights, int8 activations). The embedding layer
+# and the head stay float: on a d=8 Shadow model, quantizing the d-wide FULLY_CONNECTED output
+# too dropped the mean cosine to fidelity from 0.9996 to 0.995 (min 0.99 -> 0.95).
+INT8_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "PAD", "RESHAPE", "TRANSPOSE", "MEAN", "ADD", "MAX_POOL_2D", "AVERAGE_POOL_2D")
+
+
+def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
+    """Static int8 for the backbone (weights and activations), calibrated on ``calibration``."""
+    from ai_edge_quantizer import recipe_manager
+
+    manager = recipe_manager.RecipeManager()
+    for op in INT8_OPS:
+        manager.add_static_config(regex=".*", operation_name=op, activation_num_bits=8, weight_num_bits=8)
+    _quantize(fp32_path, path, manager.get_quantization_recipe(), calibration)
