@@ -50,7 +50,10 @@ SCHEMA = {
     "created_utc": (str,),
     "input": {"name": (str,), "shape": (list,), "layout": (str,), "dtype": (str,)},
     "preprocessing": {
+        "raw_range": (list,),
         "resize": (list,),
+        "resize_method": (str,),
+        "grey_conversion": (str,),
         "channels": (int,),
         "color": (str,),
         "scale": NUMBER,
@@ -76,15 +79,16 @@ class BundleError(ValueError):
     """A bundle that cannot be used as it is; the message says what is wrong and what to do."""
 
 
-def field_names(schema: dict = SCHEMA, prefix: str = "") -> set[str]:
-    """Every dotted field name the schema defines (``files[].fidelity.min_cosine`` and so on)."""
-    names = set()
-    for key, spec in schema.items():
-        names.add(prefix + key)
-        if isinstance(spec, dict):
-            names |= field_names(spec, f"{prefix}{key}.")
-    names |= {f"files[].{n}" for n in field_names(FILE)} if not prefix else set()
-    return names
+def field_names() -> set[str]:
+    """Every dotted field name the schema defines (``embedding.dim``, ``files[].input.scale``, ...)."""
+
+    def walk(schema: dict, prefix: str):
+        for key, spec in schema.items():
+            yield prefix + key
+            if isinstance(spec, dict):
+                yield from walk(spec, f"{prefix}{key}.")
+
+    return set(walk(SCHEMA, "")) | set(walk(FILE, "files[]."))
 
 
 def _check(value, spec, where: str) -> None:

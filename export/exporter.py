@@ -227,7 +227,10 @@ def _manifest(run, data, distance: str, weights, val: dict) -> dict:
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": {"name": onnx_export.INPUT_NAME, "shape": [-1, pre.channels, *pre.input_size], "layout": "NCHW", "dtype": "float32"},
         "preprocessing": {
+            "raw_range": [0.0, 1 / pre.scale],  # pixel values as the training data held them
             "resize": list(pre.input_size),
+            "resize_method": "bilinear",
+            "grey_conversion": "ITU-R 601-2 luma: 0.299 R + 0.587 G + 0.114 B",
             "channels": pre.channels,
             "color": "grey" if pre.channels == 1 else "rgb",
             "scale": pre.scale,
