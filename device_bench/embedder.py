@@ -1,0 +1,160 @@
+"""The runtime API a Python app on a device uses: ``Embedder`` (bundle -> embeddings, verdicts)
+and ``Gallery`` (enrolled embeddings, 1:N search). numpy and one runtime; never torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .formats import FORMATS
+from .manifest import Bundle, BundleError, read_bundle
+from .metrics import pairwise_distances
+from .runtimes import open_runtime
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def preprocess(images: np.ndarray, pre: dict) -> np.ndarray:
+    """Raw images (N, H, W[, C]) -> the model's float32 NCHW input, as the manifest's ``preprocessing`` says."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise BundleError(f"images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+    height, width = pre["resize"]
+    if x.shape[1:3] != (height, width):
+        raise BundleError(f"images are {x.shape[1]}x{x.shape[2]} but the model takes {height}x{width}: resize them first")
+    x = x.astype(np.float32)
+    if pre["channels"] == 1 and x.shape[3] == 3:
+        x = (x @ LUMA)[..., None]
+    if x.shape[3] != pre["channels"]:
+        raise BundleError(f"images have {x.shape[3]} channel(s) but the model takes {pre['channels']}")
+    x = (x * np.float32(pre["scale"]) - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+class Embedder:
+    """Load a bundle (sha256-checked) and one of its model files; embed, compare and verify images.
+
+    ``file`` is a file name of the bundle (default: the first ``verified`` file that an installed
+    runtime can run); ``runtime`` forces one runtime (``onnxruntime``, ``litert``, ``tflite-runtime``).
+    """
+
+    def __init__(self, bundle: str | Path | Bundle, file: str | None = None, runtime: str | None = None, threads: int | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(Path(bundle))
+        self.entry = self._choose(file, runtime)
+        self.runtime = open_runtime(self.bundle.path / self.entry["path"], self.entry["format"], runtime, threads)
+        embedding = self.bundle.manifest["embedding"]
+        self.distance_name = embedding["distance"]
+        weights = embedding["distance_weights"]
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+
+    def _choose(self, file: str | None, runtime: str | None) -> dict:
+        files = self.bundle.files
+        if file is not None:
+            for entry in files:
+                if entry["path"] == file:
+                    return entry
+            raise BundleError(f"{file} is not in the bundle: choose one of {', '.join(e['path'] for e in files)}")
+        usable = [e for e in files if e["status"] == "verified" and (runtime is None or runtime in FORMATS[e["format"]].runtimes)]
+        for entry in usable:
+            try:
+                open_runtime(self.bundle.path / entry["path"], entry["format"], runtime)
+                return entry
+            except BundleError:
+                continue
+        raise BundleError("no verified model file of the bundle can run here: pip install onnxruntime (or ai-edge-litert)")
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Raw images (N, H, W[, C]) -> (N, dim) float32 embeddings."""
+        return self.runtime.run(preprocess(images, self.bundle.manifest["preprocessing"]))
+
+    def distance(self, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
+        """Row-wise distance between two (N, dim) sets of embeddings, with the manifest's distance."""
+        e1, e2 = np.atleast_2d(e1), np.atleast_2d(e2)
+        return np.array([pairwise_distances(a[None], b[None], self.distance_name, self.weights)[0, 0] for a, b in zip(e1, e2)])
+
+    def verify(self, image1: np.ndarray, image2: np.ndarray, far: str = "1e-3") -> tuple[bool, float]:
+        """Same identity? ``(distance < threshold at that FAR, distance)`` for one pair of raw images."""
+        thresholds = self.bundle.manifest["thresholds"]
+        key = f"far_{far}"
+        if key not in thresholds:
+            raise BundleError(f"no threshold for FAR {far}: use one of {', '.join(k[4:] for k in thresholds if k.startswith('far_'))}")
+        emb = self.embed(np.stack([np.asarray(image1), np.asarray(image2)]))
+        d = float(self.distance(emb[:1], emb[1:])[0])
+        return d < thresholds[key], d
+
+
+class Gallery:
+    """Enrolled labelled embeddings, fp32 or int8 (symmetric, one scale), searched in chunks.
+
+    Memory: N x dim bytes at int8, 4 N x dim at fp32 (100,000 x 8 int8 = 0.8 MB).
+    """
+
+    CHUNK = 65536
+
+    def __init__(self, dim: int, distance: str = "euclidean", precision: str = "fp32", weights: np.ndarray | None = None):
+        if precision not in ("fp32", "int8"):
+            raise BundleError(f"gallery precision {precision!r}: use fp32 or int8")
+        self.dim, self.distance, self.precision, self.weights = dim, distance, precision, weights
+        self.embeddings = np.zeros((0, dim), np.int8 if precision == "int8" else np.float32)
+        self.labels = np.zeros(0, np.int64)
+        self.scale = 1.0
+
+    @classmethod
+    def for_embedder(cls, embedder: Embedder, precision: str = "fp32") -> "Gallery":
+        return cls(embedder.bundle.manifest["embedding"]["dim"], embedder.distance_name, precision, embedder.weights)
+
+    def enroll(self, embeddings: np.ndarray, labels: np.ndarray) -> None:
+        emb = np.asarray(embeddings, np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.dim or len(labels) != len(emb):
+            raise BundleError(f"enroll needs ({len(labels)}, {self.dim}) embeddings and as many labels, got {emb.shape}")
+        if self.precision == "int8":
+            full = np.concatenate([self._decoded(self.embeddings), emb])
+            self.scale = float(max(np.abs(full).max(), 1e-12) / 127)
+            self.embeddings = np.clip(np.round(full / self.scale), -127, 127).astype(np.int8)
+        else:
+            self.embeddings = np.concatenate([self.embeddings, emb])
+        self.labels = np.concatenate([self.labels, np.asarray(labels, np.int64)])
+
+    def _decoded(self, stored: np.ndarray) -> np.ndarray:
+        return stored.astype(np.float32) * np.float32(self.scale) if self.precision == "int8" else stored
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.embeddings.nbytes)
+
+    def search(self, query: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ``k`` nearest enrolled entries of each query: ``(indices, labels, distances)``, each (Q, k)."""
+        q = np.atleast_2d(np.asarray(query, np.float32))
+        k = min(k, len(self.labels))
+        best_d = np.full((len(q), 0), np.inf)
+        best_i = np.zeros((len(q), 0), np.int64)
+        for start in range(0, len(self.labels), self.CHUNK):
+            d = pairwise_distances(q, self._decoded(self.embeddings[start : start + self.CHUNK]), self.distance, self.weights)
+            cand_d = np.concatenate([best_d, d], axis=1)
+            cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + d.shape[1]), d.shape)], axis=1)
+            top = np.argsort(cand_d, axis=1, kind="stable")[:, :k]
+            best_d, best_i = np.take_along_axis(cand_d, top, 1), np.take_along_axis(cand_i, top, 1)
+        return best_i, self.labels[best_i], best_d
+
+    def save(self, path: str | Path) -> None:
+        np.savez(
+            path,
+            embeddings=self.embeddings,
+            labels=self.labels,
+            scale=np.float64(self.scale),
+            distance=np.str_(self.distance),
+            precision=np.str_(self.precision),
+            weights=np.asarray([] if self.weights is None else self.weights, np.float64),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Gallery":
+        with np.load(path, allow_pickle=False) as f:
+            weights = f["weights"] if len(f["weights"]) else None
+            gallery = cls(int(f["embeddings"].shape[1]), str(f["distance"]), str(f["precision"]), weights)
+            gallery.embeddings, gallery.labels, gallery.scale = f["embeddings"], f["labels"], float(f["scale"])
+        return gallery
