@@ -109,6 +109,8 @@ RUNTIMES = {cls.name: cls for cls in (OnnxRuntime, LiteRT, TFLiteRuntime)}
 
 def open_runtime(path: Path, fmt: str, runtime: str | None = None, threads: int | None = None):
     """Open ``path`` with ``runtime``, or with the first installed runtime of its format."""
+    if fmt not in FORMATS:
+        raise BundleError(f"unknown model format {fmt!r}: this device_bench knows {', '.join(FORMATS)}")
     candidates = [runtime] if runtime else list(FORMATS[fmt].runtimes)
     for name in candidates:
         if name not in FORMATS[fmt].runtimes:

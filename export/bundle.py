@@ -58,8 +58,10 @@ def commit(tmp: Path, out: Path, manifest: dict, make_zip: bool) -> Path:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
-    if make_zip:
-        archive = out.with_suffix(".zip")
+    archive = out.with_name(f"{out.name}.zip")
+    if not make_zip:
+        archive.unlink(missing_ok=True)  # an older zip would no longer match the bundle
+    else:
         partial = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
             for path in sorted(out.iterdir()):

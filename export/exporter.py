@@ -105,7 +105,9 @@ def parse_formats(formats: str | None) -> list[str]:
             return ["onnx", "tflite"]
         except UserError:
             return ["onnx"]
-    names = [f.strip() for f in formats.split(",") if f.strip()]
+    names = list(dict.fromkeys(f.strip() for f in formats.split(",") if f.strip()))
+    if not names:
+        raise UserError(f"--format names no format: choose from {', '.join(FORMATS)}")
     for name in names:
         if name not in FORMATS:
             raise UserError(f"unknown format {name!r}: choose from {', '.join(FORMATS)}")
