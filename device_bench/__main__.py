@@ -1,0 +1,200 @@
+"""``python -m device_bench BUNDLE``: benchmark a bundle's model files on this device.
+
+Imports numpy and the chosen runtime only. Each model file is measured in a fresh process so
+that its memory figures are its own; a crash there is that row's failure, the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .bench import BENCH_SCHEMA_VERSION
+from .formats import FORMATS, PRECISIONS
+from .manifest import MANIFEST, BundleError, read_bundle, sha256_file
+from .runtimes import RUNTIMES
+
+
+def environment(threads: int | None) -> dict:
+    """Where this ran: CPU, cores, RAM, OS, Python and library versions, and a Pi's throttling state."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = dict(
+            (k.strip().lower(), v.strip()) for k, v in (l.split(":", 1) for l in Path("/proc/cpuinfo").read_text().splitlines() if ":" in l)
+        )
+        # x86 names the CPU in "model name"; a Raspberry Pi names the board in "Model".
+        cpu = info.get("model name") or info.get("model") or info.get("hardware") or cpu
+    except OSError:
+        pass
+    ram_mb = None
+    try:
+        ram_mb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    env = {
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_mb": ram_mb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "threads": threads,
+    }
+    if shutil.which("vcgencmd"):
+        try:
+            env["throttled"] = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["throttled"] = "unknown"
+    return env
+
+
+def run_child(bundle: Path, file: str, settings: dict) -> dict:
+    """Measure one file in a fresh process (``device_bench.bench``); its last stdout line is the row."""
+    cmd = [sys.executable, "-m", "device_bench.bench", str(bundle), file, json.dumps(settings)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": "failed", "error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other mistake here
+        self.exit(2, f"error: {message} (see 'python -m device_bench --help')\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m device_bench", description=__doc__.splitlines()[0])
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--format", default=",".join(FORMATS), help="comma-separated formats to measure (default: all)")
+    p.add_argument("--precision", default=",".join(PRECISIONS), help="comma-separated precisions (default: all in the bundle)")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default=None, help="force one runtime")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=None, help="timed runs per batch size (default 50)")
+    p.add_argument("--min-seconds", type=float, default=None, help="time each batch size for this long instead of --runs")
+    p.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,8")
+    p.add_argument("--gallery", type=_ints, default=[1000, 10000, 100000], help="gallery sizes for 1:N search")
+    p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.add_argument("--quiet", action="store_true", help="no table")
+    args = p.parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        p.error(f"--runs {args.runs}: use at least 1")
+    if args.runs is not None and args.min_seconds is not None:
+        p.error("use --runs or --min-seconds, not both")
+    if args.min_seconds is None and args.runs is None:
+        args.runs = 50
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        p.error("--warmup must be >= 0 and --threads >= 1")
+    return args
+
+
+def select_files(bundle, formats: list[str], precisions: list[str]) -> list[dict]:
+    for f in formats:
+        if f not in FORMATS:
+            raise BundleError(f"unknown format {f!r}: choose from {', '.join(FORMATS)}")
+    have = {(e["format"], e["precision"]) for e in bundle.files}
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise BundleError(f"unknown precision {p!r}: choose from {', '.join(PRECISIONS)}")
+    chosen = [e for e in bundle.files if e["format"] in formats and e["precision"] in precisions]
+    if not chosen:
+        listed = ", ".join(f"{f} {p}" for f, p in sorted(have))
+        raise BundleError(f"the bundle has no {'/'.join(formats)} file at {'/'.join(precisions)} (it has: {listed}): export it first")
+    return chosen
+
+
+def table(result: dict) -> str:
+    head = f"{'Format':<7} {'Precision':<9} {'Runtime':<14} {'Status':<6} {'Size KB':>8} {'Init ms':>8} {'Batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'items/s':>9} {'Peak RSS MB':>11} {'P@1':>6} {'cos golden':>10}"
+    lines = [head]
+    for row in result["rows"]:
+        mark = "✅" if row["status"] == "ok" else "❌"
+        base = f"{row.get('format', '?'):<7} {row.get('precision', '?'):<9} {row.get('runtime', '-'):<14} {mark:<5} {row.get('size_bytes', 0) / 1024:8.1f}"
+        if row["status"] != "ok":
+            lines.append(f"{base} {row.get('error', '')}")
+            continue
+        for lat in row["latency"]:
+            lines.append(
+                f"{base} {row['init_ms']:8.1f} {lat['batch']:>5} {lat['p50_ms']:8.3f} {lat['p90_ms']:8.3f} {lat['p99_ms']:8.3f} "
+                f"{lat['items_per_s']:9.1f} {row['memory']['peak_rss_mb']:11.1f} {row['accuracy']['precision_at_1']:6.4f} "
+                f"{row['golden']['min_cosine']:10.6f}"
+            )
+        for g in row["gallery"]:
+            lines.append(f"{'':<7} gallery {g['size']:>8} x {g['precision']}: {g['bytes'] / 2**20:.2f} MB, 1:N search p50 {g['p50_ms']:.3f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = {
+        "runtime": args.runtime,
+        "threads": args.threads,
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "runs": args.runs,
+        "min_seconds": args.min_seconds,
+        "gallery": args.gallery,
+    }
+    try:
+        bundle = read_bundle(args.bundle)
+        files = select_files(bundle, args.format.split(","), args.precision.split(","))
+        if args.runtime:
+            if not any(args.runtime in FORMATS[e["format"]].runtimes for e in files):
+                raise BundleError(f"runtime {args.runtime} runs none of the chosen files: choose --format to match")
+            files = [e for e in files if args.runtime in FORMATS[e["format"]].runtimes]
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    rows = []
+    for entry in files:
+        row = run_child(args.bundle, entry["path"], settings)
+        row.setdefault("file", entry["path"])
+        row.setdefault("format", entry["format"])
+        row.setdefault("precision", entry["precision"])
+        row.setdefault("size_bytes", entry["size_bytes"])
+        rows.append(row)
+    manifest = bundle.manifest
+    result = {
+        "schema_version": BENCH_SCHEMA_VERSION,
+        "bundle": {
+            "path": str(args.bundle),
+            "manifest_sha256": sha256_file(args.bundle / MANIFEST),
+            "loss": manifest["training"]["loss"],
+            "embedding_dim": manifest["embedding"]["dim"],
+            "distance": manifest["embedding"]["distance"],
+        },
+        "settings": settings,
+        "environment": environment(args.threads),
+        "rows": rows,
+    }
+    if args.json:
+        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, args.json)
+    if not args.quiet:
+        print(table(result))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
