@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import BENCH_SCHEMA_VERSION
+from .bench import BENCH_SCHEMA_VERSION, validate_result
 from .formats import FORMATS, PRECISIONS
 from .manifest import MANIFEST, BundleError, read_bundle, sha256_file
 from .runtimes import RUNTIMES
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = bundle.manifest
     result = {
         "schema_version": BENCH_SCHEMA_VERSION,
+        "target": {"name": os.environ.get("DEVICE_BENCH_TARGET", "local"), "emulated": bool(os.environ.get("DEVICE_BENCH_EMULATED"))},
         "bundle": {
             "path": str(args.bundle),
             "manifest_sha256": sha256_file(args.bundle / MANIFEST),
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(args.threads),
         "rows": rows,
     }
+    validate_result(result)
     if args.json:
         tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(result, indent=2) + "\n")

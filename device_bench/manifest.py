@@ -90,14 +90,15 @@ def field_names() -> set[str]:
     return set(walk(SCHEMA, "")) | set(walk(FILE, "files[]."))
 
 
-def _check(value, spec, where: str) -> None:
+def check_schema(value, spec, where: str = "") -> None:
+    """Raise ``BundleError`` where ``value`` breaks ``spec`` (dicts: required keys; tuples: allowed types)."""
     if isinstance(spec, dict):
         if not isinstance(value, dict):
             raise BundleError(f"manifest field {where or 'root'} must be an object")
         for key, sub in spec.items():
             if key not in value:
                 raise BundleError(f"manifest is missing {where + '.' if where else ''}{key}: export the bundle again")
-            _check(value[key], sub, f"{where + '.' if where else ''}{key}")
+            check_schema(value[key], sub, f"{where + '.' if where else ''}{key}")
     elif not isinstance(value, spec) or (isinstance(value, bool) and bool not in spec):
         names = " or ".join(t.__name__ for t in spec)
         raise BundleError(f"manifest field {where} must be {names}, got {type(value).__name__}")
@@ -105,7 +106,7 @@ def _check(value, spec, where: str) -> None:
 
 def validate_manifest(manifest: dict) -> dict:
     """Raise ``BundleError`` at the first field that breaks the schema; return the manifest."""
-    _check(manifest, SCHEMA, "")
+    check_schema(manifest, SCHEMA, "")
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise BundleError(
             f"bundle schema version {manifest['schema_version']} is not {SCHEMA_VERSION}: use the matching device_bench"
@@ -113,7 +114,7 @@ def validate_manifest(manifest: dict) -> dict:
     if not manifest["files"]:
         raise BundleError("manifest lists no model files")
     for i, entry in enumerate(manifest["files"]):
-        _check(entry, FILE, f"files[{i}]")
+        check_schema(entry, FILE, f"files[{i}]")
         if entry["format"] not in FORMATS or entry["precision"] not in PRECISIONS or entry["status"] not in STATUSES:
             raise BundleError(f"files[{i}] has an unknown format, precision or status: {entry['format']}, {entry['precision']}, {entry['status']}")
     return manifest

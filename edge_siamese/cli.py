@@ -129,6 +129,62 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
     click.echo(f"wrote {written}" + (f" ({len(bad)} file(s) marked {', '.join(sorted({r.status for r in bad}))})" if bad else ""))
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", default="cpu", show_default=True, help="cpu, cuda, arm64-emulated or ssh://user@host[:port]")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="cuda: the training run  [default: the bundle's parent]")
+@click.option("--format", "formats", default=None, help="Comma-separated formats  [default: all in the bundle]")
+@click.option("--precision", default=None, help="Comma-separated precisions  [default: all in the bundle]")
+@click.option("--batch", default="1", show_default=True, help="Batch sizes, e.g. 1,8.")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--gallery", default="1000,10000,100000", show_default=True, help="Gallery sizes for 1:N search.")
+@click.option("--threads", type=int, default=None)
+@click.option("--cpu-model", default="cortex-a72", show_default=True, help="arm64-emulated: cortex-a72 (Pi 4) or cortex-a76 (Pi 5).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the JSON document here.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --json.")
+def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, json_path, force) -> None:
+    """Benchmark a bundle on a target: this CPU, a CUDA GPU, emulated aarch64, or a device over ssh."""
+    from device_bench.__main__ import table
+
+    from . import targets
+    from .files import write_json
+
+    if json_path is not None and json_path.exists() and not force:
+        raise UserError(f"{json_path} already exists: pass --force to overwrite it")
+    if runs < 1:
+        raise UserError(f"--runs {runs}: use at least 1")
+    args = ["--batch", batch, "--warmup", str(warmup), "--runs", str(runs), "--gallery", gallery]
+    args += (["--format", formats] if formats else []) + (["--precision", precision] if precision else [])
+    args += ["--threads", str(threads)] if threads else []
+    if target == "cpu":
+        result = targets.bench_cpu(bundle, args)
+    elif target == "cuda":
+        batches = [int(b) for b in batch.split(",")]
+        result = targets.bench_cuda(bundle, targets.resolve_run(bundle, run_dir), batches, warmup, runs)
+    elif target == "arm64-emulated":
+        from .arm64 import run_device_bench
+
+        result = run_device_bench(bundle, args, cpu=cpu_model)
+    elif target.startswith("ssh://"):
+        result = targets.bench_ssh(bundle, target, args)
+    else:
+        raise UserError(f"unknown target {target!r}: choose one of {', '.join(targets.TARGETS)}")
+    if target == "cuda":
+        for row in result["rows"]:
+            for lat in row.get("latency", []):
+                click.echo(f"{row['format']:<8} {row['precision']:<5} {row['runtime']:<18} batch {lat['batch']:>3}  p50 {lat['p50_ms']:.3f} ms  p99 {lat['p99_ms']:.3f} ms  {lat['items_per_s']:.0f} items/s")
+            if row["status"] != "ok":
+                click.echo(f"{row['format']:<8} {row['runtime']}: {row['error']}")
+    else:
+        if result["target"].get("emulated"):
+            click.echo("emulated: times below are qemu's, not device latency")
+        click.echo(table(result))
+    if json_path is not None:
+        write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
     try:
