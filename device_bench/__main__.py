@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--runs {args.runs}: use at least 1")
     if args.runs is not None and args.min_seconds is not None:
         p.error("use --runs or --min-seconds, not both")
+    if args.min_seconds is not None and not args.min_seconds > 0:
+        p.error(f"--min-seconds {args.min_seconds}: use a positive number of seconds")
     if args.min_seconds is None and args.runs is None:
         args.runs = 50
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):

@@ -4,6 +4,7 @@ and ``Gallery`` (enrolled embeddings, 1:N search). numpy and one runtime; never 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +60,15 @@ class Embedder:
                     return entry
             raise BundleError(f"{file} is not in the bundle: choose one of {', '.join(e['path'] for e in files)}")
         usable = [e for e in files if e["status"] == "verified" and (runtime is None or runtime in FORMATS[e["format"]].runtimes)]
+        errors = []
         for entry in usable:
             try:
                 open_runtime(self.bundle.path / entry["path"], entry["format"], runtime)
                 return entry
-            except BundleError:
-                continue
-        raise BundleError("no verified model file of the bundle can run here: pip install onnxruntime (or ai-edge-litert)")
+            except BundleError as exc:
+                errors.append(str(exc))
+        reason = errors[-1] if errors else f"no verified file runs with {runtime}"
+        raise BundleError(f"no verified model file of the bundle can run here: {reason}")
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Raw images (N, H, W[, C]) -> (N, dim) float32 embeddings."""
@@ -88,73 +91,108 @@ class Embedder:
 
 
 class Gallery:
-    """Enrolled labelled embeddings, fp32 or int8 (symmetric, one scale), searched in chunks.
+    """Enrolled labelled embeddings, fp32 or int8, searched in chunks.
 
-    Memory: N x dim bytes at int8, 4 N x dim at fp32 (100,000 x 8 int8 = 0.8 MB).
+    int8 codes are ``round(x / int8_scale)`` with one fixed scale, so that enrolling in pieces
+    gives the same codes as enrolling at once; 1/127 fits L2-normalised and sigmoid embeddings
+    (every component within [-1, 1]). Memory: N x dim bytes at int8, 4 N x dim at fp32
+    (100,000 x 8 int8 = 0.8 MB).
     """
 
     CHUNK = 65536
 
-    def __init__(self, dim: int, distance: str = "euclidean", precision: str = "fp32", weights: np.ndarray | None = None):
+    def __init__(
+        self,
+        dim: int,
+        distance: str = "euclidean",
+        precision: str = "fp32",
+        weights: np.ndarray | None = None,
+        int8_scale: float = 1 / 127,
+    ):
         if precision not in ("fp32", "int8"):
             raise BundleError(f"gallery precision {precision!r}: use fp32 or int8")
         self.dim, self.distance, self.precision, self.weights = dim, distance, precision, weights
-        self.embeddings = np.zeros((0, dim), np.int8 if precision == "int8" else np.float32)
-        self.labels = np.zeros(0, np.int64)
-        self.scale = 1.0
+        self.scale = float(int8_scale)
+        self._parts: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
 
     @classmethod
     def for_embedder(cls, embedder: Embedder, precision: str = "fp32") -> "Gallery":
-        return cls(embedder.bundle.manifest["embedding"]["dim"], embedder.distance_name, precision, embedder.weights)
+        """A gallery in the embedder's distance; for embeddings that are not bounded (no L2 or
+        sigmoid head) the int8 scale comes from the bundle's golden embeddings, with 2x headroom."""
+        manifest = embedder.bundle.manifest
+        scale = 1 / 127
+        if not manifest["embedding"]["l2_normalized"] and precision == "int8":
+            scale = 2 * float(np.abs(embedder.bundle.golden()["embeddings"]).max()) / 127
+        return cls(manifest["embedding"]["dim"], embedder.distance_name, precision, embedder.weights, scale)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        if len(self._parts) != 1:
+            dtype = np.int8 if self.precision == "int8" else np.float32
+            self._parts = [np.concatenate(self._parts) if self._parts else np.zeros((0, self.dim), dtype)]
+        return self._parts[0]
+
+    @property
+    def labels(self) -> np.ndarray:
+        if len(self._labels) != 1:
+            self._labels = [np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64)]
+        return self._labels[0]
 
     def enroll(self, embeddings: np.ndarray, labels: np.ndarray) -> None:
         emb = np.asarray(embeddings, np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.dim or len(labels) != len(emb):
             raise BundleError(f"enroll needs ({len(labels)}, {self.dim}) embeddings and as many labels, got {emb.shape}")
         if self.precision == "int8":
-            full = np.concatenate([self._decoded(self.embeddings), emb])
-            self.scale = float(max(np.abs(full).max(), 1e-12) / 127)
-            self.embeddings = np.clip(np.round(full / self.scale), -127, 127).astype(np.int8)
-        else:
-            self.embeddings = np.concatenate([self.embeddings, emb])
-        self.labels = np.concatenate([self.labels, np.asarray(labels, np.int64)])
+            emb = np.clip(np.round(emb / self.scale), -127, 127).astype(np.int8)
+        self._parts.append(emb)
+        self._labels.append(np.asarray(labels, np.int64))
 
     def _decoded(self, stored: np.ndarray) -> np.ndarray:
         return stored.astype(np.float32) * np.float32(self.scale) if self.precision == "int8" else stored
 
     @property
     def nbytes(self) -> int:
-        return int(self.embeddings.nbytes)
+        return int(sum(p.nbytes for p in self._parts))
 
     def search(self, query: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``k`` nearest enrolled entries of each query: ``(indices, labels, distances)``, each (Q, k)."""
         q = np.atleast_2d(np.asarray(query, np.float32))
-        k = min(k, len(self.labels))
+        stored, labels = self.embeddings, self.labels
+        k = min(k, len(labels))
         best_d = np.full((len(q), 0), np.inf)
         best_i = np.zeros((len(q), 0), np.int64)
-        for start in range(0, len(self.labels), self.CHUNK):
-            d = pairwise_distances(q, self._decoded(self.embeddings[start : start + self.CHUNK]), self.distance, self.weights)
+        for start in range(0, len(labels), self.CHUNK):
+            d = pairwise_distances(q, self._decoded(stored[start : start + self.CHUNK]), self.distance, self.weights)
             cand_d = np.concatenate([best_d, d], axis=1)
             cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + d.shape[1]), d.shape)], axis=1)
             top = np.argsort(cand_d, axis=1, kind="stable")[:, :k]
             best_d, best_i = np.take_along_axis(cand_d, top, 1), np.take_along_axis(cand_i, top, 1)
-        return best_i, self.labels[best_i], best_d
+        return best_i, labels[best_i], best_d
 
     def save(self, path: str | Path) -> None:
-        np.savez(
-            path,
-            embeddings=self.embeddings,
-            labels=self.labels,
-            scale=np.float64(self.scale),
-            distance=np.str_(self.distance),
-            precision=np.str_(self.precision),
-            weights=np.asarray([] if self.weights is None else self.weights, np.float64),
-        )
+        """Write the gallery to exactly ``path`` (an .npz file), whole or not at all."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    embeddings=self.embeddings,
+                    labels=self.labels,
+                    scale=np.float64(self.scale),
+                    distance=np.str_(self.distance),
+                    precision=np.str_(self.precision),
+                    weights=np.asarray([] if self.weights is None else self.weights, np.float64),
+                )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Gallery":
         with np.load(path, allow_pickle=False) as f:
             weights = f["weights"] if len(f["weights"]) else None
-            gallery = cls(int(f["embeddings"].shape[1]), str(f["distance"]), str(f["precision"]), weights)
-            gallery.embeddings, gallery.labels, gallery.scale = f["embeddings"], f["labels"], float(f["scale"])
+            gallery = cls(int(f["embeddings"].shape[1]), str(f["distance"]), str(f["precision"]), weights, float(f["scale"]))
+            gallery._parts, gallery._labels = [f["embeddings"]], [f["labels"]]
         return gallery

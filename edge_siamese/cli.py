@@ -142,8 +142,9 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
 @click.option("--threads", type=int, default=None)
 @click.option("--cpu-model", default="cortex-a72", show_default=True, help="arm64-emulated: cortex-a72 (Pi 4) or cortex-a76 (Pi 5).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the JSON document here.")
+@click.option("--remote-python", default="python3", show_default=True, help="ssh: the device's Python (e.g. a venv's bin/python).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json.")
-def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, json_path, force) -> None:
+def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, remote_python, json_path, force) -> None:
     """Benchmark a bundle on a target: this CPU, a CUDA GPU, emulated aarch64, or a device over ssh."""
     from device_bench.__main__ import table
 
@@ -161,13 +162,13 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
         result = targets.bench_cpu(bundle, args)
     elif target == "cuda":
         batches = [int(b) for b in batch.split(",")]
-        result = targets.bench_cuda(bundle, targets.resolve_run(bundle, run_dir), batches, warmup, runs)
+        result = targets.bench_cuda(bundle, run_dir, batches, warmup, runs)
     elif target == "arm64-emulated":
         from .arm64 import run_device_bench
 
         result = run_device_bench(bundle, args, cpu=cpu_model)
     elif target.startswith("ssh://"):
-        result = targets.bench_ssh(bundle, target, args)
+        result = targets.bench_ssh(bundle, target, args, remote_python)
     else:
         raise UserError(f"unknown target {target!r}: choose one of {', '.join(targets.TARGETS)}")
     if target == "cuda":
@@ -183,6 +184,10 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
     if json_path is not None:
         write_json(json_path, result)
         click.echo(f"wrote {json_path}")
+    failed = [r for r in result["rows"] if r["status"] == "failed"]
+    if failed:  # like python -m device_bench: the document is written, the exit status says a row failed
+        click.echo(f"error: {len(failed)} of {len(result['rows'])} rows failed; first: {failed[0].get('file', '?')}: {failed[0].get('error', '')}", err=True)
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

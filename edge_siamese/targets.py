@@ -45,7 +45,8 @@ def bench_cpu(bundle: Path, args: list[str]) -> dict:
         env = {**os.environ, "DEVICE_BENCH_TARGET": "cpu"}
         proc = subprocess.run([sys.executable, "-m", "device_bench", str(bundle), *args, "--quiet", "--json", str(out)], env=env, capture_output=True, text=True)
         if not out.exists():
-            raise UserError((proc.stderr.strip().splitlines() or ["device_bench failed without a message"])[-1].removeprefix("error: "))
+            message = (proc.stderr.strip().splitlines() or ["device_bench failed without a message"])[-1]
+            raise UserError(message.removeprefix("error: ").replace(" (see 'python -m device_bench --help')", ""))
         return validate_result(json.loads(out.read_text()))
 
 
@@ -92,13 +93,13 @@ def _cuda_events_ms(fn, warmup: int, runs: int) -> list[float]:
     return times
 
 
-def bench_cuda(bundle: Path, run_dir: Path, batches: list[int], warmup: int, runs: int) -> dict:
+def bench_cuda(bundle: Path, run_dir: Path | None, batches: list[int], warmup: int, runs: int) -> dict:
     """The run's model on the GPU at fp32 / fp16 / bf16, checked against the bundle's golden vectors."""
     if not torch.cuda.is_available():
         raise UserError(f"the cuda target needs a CUDA GPU: none found (torch {torch.__version__}); use --target cpu")
     b = read_bundle(bundle)
     golden = b.golden()
-    run = load_run(run_dir, "cuda")
+    run = load_run(resolve_run(bundle, run_dir), "cuda")
     device = torch.device("cuda")
     rows = []
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
