@@ -142,9 +142,10 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
 @click.option("--threads", type=int, default=None)
 @click.option("--cpu-model", default="cortex-a72", show_default=True, help="arm64-emulated: cortex-a72 (Pi 4) or cortex-a76 (Pi 5).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the JSON document here.")
+@click.option("--instructions", is_flag=True, help="arm64-emulated: also count guest instructions per inference (deterministic ARM cost).")
 @click.option("--remote-python", default="python3", show_default=True, help="ssh: the device's Python (e.g. a venv's bin/python).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json.")
-def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, remote_python, json_path, force) -> None:
+def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, instructions, remote_python, json_path, force) -> None:
     """Benchmark a bundle on a target: this CPU, a CUDA GPU, emulated aarch64, or a device over ssh."""
     from device_bench.__main__ import table
 
@@ -158,15 +159,21 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
     args = ["--batch", batch, "--warmup", str(warmup), "--runs", str(runs), "--gallery", gallery]
     args += (["--format", formats] if formats else []) + (["--precision", precision] if precision else [])
     args += ["--threads", str(threads)] if threads else []
+    if instructions and target != "arm64-emulated":
+        raise UserError("--instructions counts guest instructions under qemu: use it with --target arm64-emulated")
     if target == "cpu":
         result = targets.bench_cpu(bundle, args)
     elif target == "cuda":
         batches = [int(b) for b in batch.split(",")]
         result = targets.bench_cuda(bundle, run_dir, batches, warmup, runs)
     elif target == "arm64-emulated":
-        from .arm64 import run_device_bench
+        from .arm64 import count_instructions, run_device_bench
 
         result = run_device_bench(bundle, args, cpu=cpu_model)
+        if instructions:
+            for row in result["rows"]:
+                if row["status"] == "ok":
+                    row["guest_instructions_per_inference"] = count_instructions(bundle, row["file"], cpu=cpu_model)["instructions_per_inference"]
     elif target.startswith("ssh://"):
         result = targets.bench_ssh(bundle, target, args, remote_python)
     else:
@@ -181,6 +188,9 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
         if result["target"].get("emulated"):
             click.echo("emulated: times below are qemu's, not device latency")
         click.echo(table(result))
+        for row in result["rows"]:
+            if "guest_instructions_per_inference" in row:
+                click.echo(f"{row['file']:<20} {cpu_model}: {row['guest_instructions_per_inference']:,.0f} guest instructions per inference (batch 1)")
     if json_path is not None:
         write_json(json_path, result)
         click.echo(f"wrote {json_path}")
