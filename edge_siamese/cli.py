@@ -200,6 +200,52 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
         raise SystemExit(1)
 
 
+@cli.command()
+@click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True, help="paper: Fashion-MNIST, open set, 5 seeds, 30 epochs, dims 2-32 (for a GPU).")
+@click.option("--dataset", default=None, help="[default: digits]")
+@click.option("--split", type=click.Choice(["samples", "classes"]), default=None)
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default=None)
+@click.option("--baseline-dim", type=int, default=None, help="Dim of the triplet baseline  [default: 128]")
+@click.option("--dims", default=None, help="Low dims, comma-separated  [default: 4,8,16]")
+@click.option("--losses", default=None, help="Comma-separated  [default: shadow,shadow-raw,triplet]")
+@click.option("--seeds", type=int, default=None, help="[default: 3]")
+@click.option("--epochs", type=int, default=None, help="[default: 20]")
+@click.option("--formats", default=None, help="[default: onnx, plus tflite when its extra is installed]")
+@click.option("--targets", default="cpu", show_default=True, help="Comma-separated: cpu, cuda, arm64-emulated")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
+@click.option("--force", is_flag=True, help="Start over in an --out that holds another compare.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds, epochs, formats, targets, out, force, quiet) -> None:
+    """The main job: Shadow vs triplet at low dims, every figure against the triplet baseline."""
+    import shutil
+
+    from .compare import PRESETS, CompareConfig, run_compare
+    from export.exporter import parse_formats
+
+    def ints(text: str, name: str) -> list[int]:
+        try:
+            return [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--{name} {text!r}: give comma-separated integers, e.g. 4,8,16") from None
+
+    settings = dict(PRESETS[preset])
+    given = {
+        "dataset": dataset, "split": split, "backbone": backbone, "baseline_dim": baseline_dim, "seeds": seeds, "epochs": epochs,
+        "dims": ints(dims, "dims") if dims else None,
+        "losses": [l.strip() for l in losses.split(",") if l.strip()] if losses else None,
+    }
+    settings.update({k: v for k, v in given.items() if v is not None})
+    settings["formats"] = parse_formats(formats)
+    settings["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
+    config = CompareConfig(**settings)
+    if force and out.exists():
+        shutil.rmtree(out)
+    results = run_compare(config, out, progress=not quiet)
+    for line in results["summary"]["verdict"]:
+        click.echo(line)
+    click.echo(f"wrote {out / 'REPORT.md'}, {out / 'report.html'} and {out / 'results.json'} ({results['elapsed_s'] / 60:.1f} min)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
     try:

@@ -1,0 +1,323 @@
+"""``edge-siamese compare``: the main job. Train the triplet baseline and, at each low dimension,
+Shadow (normalised and raw) and triplet under the same data, backbone, epochs and batches; export
+each at fp32 and int8; measure on each target; report every figure against the baseline.
+
+Work already in ``--out`` with the same configuration is reused, so an interrupted compare
+resumes. Nothing here trains, exports or measures by itself: it drives ``train``, ``evaluate``,
+``export`` and ``targets``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from device_bench.manifest import read_bundle
+from device_bench.metrics import retrieval_metrics
+from device_bench.runtimes import open_runtime
+from device_bench.embedder import preprocess
+from export.exporter import export_run, parse_formats
+
+from . import __version__, targets
+from .checkpoints import METRICS, load_run, read_config
+from .config import TrainConfig
+from .errors import UserError
+from .evaluate import evaluate_run
+from .files import write_json
+from .models import embed
+from .progress import progress_bar
+from .report import write_report
+from .train import prepare_data, train
+
+METRICS_SHOWN = ("precision_at_1", "mean_average_precision_at_r", "tar_at_far_1e-3")
+PRESETS = {
+    "default": {},
+    "paper": {"dataset": "fashion-mnist", "split": "classes", "seeds": 5, "epochs": 30, "dims": [2, 4, 8, 16, 32]},
+}
+
+
+@dataclass
+class CompareConfig:
+    dataset: str = "digits"
+    split: str = "samples"
+    backbone: str = "convnet"
+    baseline_dim: int = 128
+    dims: list[int] = field(default_factory=lambda: [4, 8, 16])
+    losses: list[str] = field(default_factory=lambda: ["shadow", "shadow-raw", "triplet"])
+    seeds: int = 3
+    epochs: int = 20
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    targets: list[str] = field(default_factory=lambda: ["cpu"])
+    bench_runs: int = 30
+    gallery: list[int] = field(default_factory=lambda: [1000, 100000])
+
+    def runs(self) -> list[tuple[str, int, int]]:
+        """Every (loss, dim, seed) to train: the baseline first, then each low-dim loss."""
+        out = []
+        for seed in range(self.seeds):
+            out.append(("triplet", self.baseline_dim, seed))
+            out += [(loss, dim, seed) for dim in self.dims for loss in self.losses]
+        return out
+
+    def train_config(self, loss: str, dim: int, seed: int) -> TrainConfig:
+        return TrainConfig(dataset=self.dataset, split=self.split, backbone=self.backbone, loss=loss, embedding_dim=dim, epochs=self.epochs, seed=seed).validate()
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and the half-width of its 95% t-interval (0 with one value: no interval)."""
+    v = np.asarray(values, dtype=float)
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "ci95": half, "n": int(len(v)), "values": [float(x) for x in v]}
+
+
+def paired_delta(values: list[float], baseline: list[float]) -> dict:
+    """Per-seed differences against the baseline (same seed, same split): mean, CI, significance."""
+    d = mean_ci([a - b for a, b in zip(values, baseline)])
+    d["significant"] = bool(d["n"] > 1 and abs(d["mean"]) > d["ci95"])
+    return d
+
+
+def _run_dir(out: Path, loss: str, dim: int, seed: int) -> Path:
+    return out / "runs" / f"{loss}-d{dim}-s{seed}"
+
+
+def _train_or_reuse(config: TrainConfig, run_dir: Path) -> None:
+    if (run_dir / METRICS).exists() or (run_dir / "config.json").exists():
+        saved, _ = read_config(run_dir)
+        if saved != config:
+            raise UserError(f"{run_dir} was trained with other settings: use another --out, or --force to start over")
+        if (run_dir / METRICS).exists():
+            return
+        if (run_dir / "checkpoint.pt").exists():
+            train(config, run_dir, resume=True, progress=False)
+            return
+    train(config, run_dir, force=True, progress=False)
+
+
+def _file_metrics(bundle_dir: Path) -> dict:
+    """Retrieval metrics of each exported file on the bundle's held-out set, run in its runtime."""
+    bundle = read_bundle(bundle_dir)
+    eval_set = bundle.eval_set()
+    x = preprocess(eval_set["images"], bundle.manifest["preprocessing"])
+    emb = bundle.manifest["embedding"]
+    out = {}
+    for entry in bundle.files:
+        runtime = open_runtime(bundle.path / entry["path"], entry["format"])
+        m = retrieval_metrics(runtime.run(x), eval_set["labels"], emb["distance"], emb["distance_weights"], episodes=200)
+        out[entry["path"]] = {
+            "format": entry["format"],
+            "precision": entry["precision"],
+            "status": entry["status"],
+            "size_bytes": entry["size_bytes"],
+            "mean_cosine": entry["fidelity"]["mean_cosine"],
+            **{k: m[k] for k in METRICS_SHOWN},
+        }
+    return out
+
+
+def _epochs_to_95(history: list[dict]) -> int:
+    final = history[-1]["val_precision_at_1"]
+    return next(h["epoch"] for h in history if h["val_precision_at_1"] >= 0.95 * final)
+
+
+def _bench(target: str, bundle: Path, run_dir: Path, config: CompareConfig) -> dict:
+    args = ["--batch", "1", "--runs", str(config.bench_runs), "--warmup", "3", "--gallery", ",".join(map(str, config.gallery))]
+    if target == "cpu":
+        return targets.bench_cpu(bundle, args)
+    if target == "cuda":
+        return targets.bench_cuda(bundle, run_dir, [1], 3, config.bench_runs)
+    if target == "arm64-emulated":
+        from .arm64 import count_instructions, run_device_bench
+
+        result = run_device_bench(bundle, args)
+        for row in result["rows"]:
+            if row["status"] == "ok":
+                row["guest_instructions_per_inference"] = count_instructions(bundle, row["file"])["instructions_per_inference"]
+        return result
+    raise UserError(f"unknown target {target!r} for compare: use cpu, cuda or arm64-emulated")
+
+
+def run_compare(config: CompareConfig, out: Path, progress: bool = True) -> dict:
+    """Run (or resume) the whole comparison into ``out``; return ``results.json``'s content."""
+    out = Path(out)
+    config.formats = parse_formats(",".join(config.formats))
+    for t in config.targets:
+        if t not in ("cpu", "cuda", "arm64-emulated"):
+            raise UserError(f"unknown target {t!r}: choose from cpu, cuda, arm64-emulated")
+    if config.seeds < 1 or not config.dims or not config.losses:
+        raise UserError("compare needs at least one seed, one dim and one loss")
+    specs = config.runs()
+    for loss, dim, seed in specs:
+        config.train_config(loss, dim, seed)  # every bad option fails here, before any work
+    saved_path = out / "compare_config.json"
+    if saved_path.exists() and json.loads(saved_path.read_text()) != asdict(config):
+        raise UserError(f"{out} holds a compare with other settings: use another --out, or --force to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved_path, asdict(config))
+
+    started = time.perf_counter()
+    runs = {}
+    bar = progress_bar(len(specs), "compare", enabled=progress, unit="run")
+    for loss, dim, seed in specs:
+        bar.set_postfix_str(f"{loss} d={dim} seed {seed}")
+        run_dir = _run_dir(out, loss, dim, seed)
+        _train_or_reuse(config.train_config(loss, dim, seed), run_dir)
+        evaluation_path = run_dir / "evaluation.json"
+        if not evaluation_path.exists():
+            write_json(evaluation_path, evaluate_run(run_dir, "test", "cpu"))
+        bundle = run_dir / "bundle"
+        if not (bundle / "manifest.json").exists():
+            export_run(run_dir, bundle, config.formats, ["fp32", "int8"], force=True, allow_degraded=True, progress=False)
+        files_path = run_dir / "file_metrics.json"
+        if not files_path.exists():
+            write_json(files_path, _file_metrics(bundle))
+        metrics = json.loads((run_dir / METRICS).read_text())
+        runs[f"{loss}-d{dim}-s{seed}"] = {
+            "loss": loss,
+            "dim": dim,
+            "seed": seed,
+            "test": json.loads(evaluation_path.read_text()),
+            "files": json.loads(files_path.read_text()),
+            "train_time_s": metrics["train_time_s"],
+            "peak_train_rss_mb": metrics["peak_rss_mb"],
+            "epochs_to_95": _epochs_to_95(metrics["history"]),
+            "history": metrics["history"],
+        }
+        bar.update()
+    bar.close()
+
+    bench = {}
+    models = [("triplet", config.baseline_dim)] + [(loss, dim) for dim in config.dims for loss in config.losses]
+    for target in config.targets:
+        bench[target] = {}
+        for loss, dim in models:
+            run_dir = _run_dir(out, loss, dim, 0)
+            path = out / "bench" / f"{loss}-d{dim}-{target}.json"
+            if not path.exists():
+                try:
+                    result = _bench(target, run_dir / "bundle", run_dir, config)
+                except UserError as exc:
+                    result = {"not_measured": str(exc)}
+                path.parent.mkdir(exist_ok=True)
+                write_json(path, result)
+            bench[target][f"{loss}-d{dim}"] = json.loads(path.read_text())
+
+    results = {
+        "toolkit_version": __version__,
+        "config": asdict(config),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "elapsed_s": time.perf_counter() - started,
+        "runs": runs,
+        "summary": summarize(config, runs, bench),
+        "bench": bench,
+    }
+    write_json(out / "results.json", results)
+    write_report(results, out, _embeddings_2d(config, out))
+    return results
+
+
+def _embeddings_2d(config: CompareConfig, out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Seed 0's test embeddings at the smallest dim, Shadow vs triplet: as they are at d=2, else PCA."""
+    dim = min(config.dims)
+    views = {}
+    for loss in [l for l in ("shadow", "triplet") if l in config.losses]:
+        run = load_run(_run_dir(out, loss, dim, 0))
+        data = prepare_data(run.config, run.preprocessing)
+        emb = embed(run.model, data.inputs("test")).numpy()
+        if dim > 2:
+            centred = emb - emb.mean(0)
+            emb = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+        views[f"{loss} d={dim}" + (" (PCA)" if dim > 2 else "")] = (emb, data.labels("test"))
+    return views
+
+
+def summarize(config: CompareConfig, runs: dict, bench: dict) -> dict:
+    """Per model (loss, dim) and per exported file: mean ± CI over seeds and Δ vs the baseline."""
+    seeds = range(config.seeds)
+    models = [("triplet", config.baseline_dim)] + [(loss, dim) for dim in config.dims for loss in config.losses]
+
+    def per_seed(loss, dim, getter):
+        return [getter(runs[f"{loss}-d{dim}-s{s}"]) for s in seeds]
+
+    rows = []
+    for loss, dim in models:
+        first = runs[f"{loss}-d{dim}-s0"]
+        variants = [("pytorch", "fp32", None)] + [(f["format"], f["precision"], path) for path, f in first["files"].items()]
+        for fmt, precision, path in variants:
+            row = {"loss": loss, "dim": dim, "format": fmt, "precision": precision, "baseline": loss == "triplet" and dim == config.baseline_dim}
+
+            def metric(run, name, path=path):
+                return run["test"][name] if path is None else run["files"][path][name]
+
+            for name in METRICS_SHOWN:
+                values = per_seed(loss, dim, lambda r, n=name: metric(r, n))
+                row[name] = mean_ci(values)
+                base = per_seed("triplet", config.baseline_dim, lambda r, n=name: metric(r, n))
+                row[f"delta_{name}"] = paired_delta(values, base)
+            if path is not None:
+                statuses = per_seed(loss, dim, lambda r: r["files"][path]["status"])
+                row["status"] = "verified" if all(s == "verified" for s in statuses) else f"degraded ({statuses.count('degraded')}/{len(statuses)})"
+                row["size_bytes"] = first["files"][path]["size_bytes"]
+            else:
+                row["status"] = "trained"
+            row["gallery_bytes_per_identity"] = dim * (1 if precision == "int8" else 4)
+            row["train_time_s"] = mean_ci(per_seed(loss, dim, lambda r: r["train_time_s"]))
+            row["peak_train_rss_mb"] = mean_ci(per_seed(loss, dim, lambda r: r["peak_train_rss_mb"]))
+            row["epochs_to_95"] = mean_ci(per_seed(loss, dim, lambda r: r["epochs_to_95"]))
+            row["bench"] = {}
+            for target, by_model in bench.items():
+                result = by_model[f"{loss}-d{dim}"]
+                match = [r for r in result.get("rows", []) if r.get("file") == path and r.get("status") == "ok"]
+                if match:
+                    r = match[0]
+                    lat = r["latency"][0]
+                    row["bench"][target] = {
+                        "p50_ms": lat["p50_ms"],
+                        "p99_ms": lat["p99_ms"],
+                        "peak_rss_mb": r.get("memory", {}).get("peak_rss_mb"),
+                        "guest_instructions_per_inference": r.get("guest_instructions_per_inference"),
+                        "emulated": result.get("target", {}).get("emulated", False),
+                    }
+                elif "not_measured" in result:
+                    row["bench"][target] = {"not_measured": result["not_measured"]}
+            rows.append(row)
+    return {"rows": rows, "verdict": verdict(config, rows)}
+
+
+def verdict(config: CompareConfig, rows: list[dict]) -> list[str]:
+    """Plain sentences on what the data shows, Shadow's losses as plainly as its wins."""
+    torch_rows = {(r["loss"], r["dim"]): r for r in rows if r["format"] == "pytorch"}
+    n = config.seeds
+    lines = [f"Each figure is the mean of {n} seed(s) with its 95% confidence interval; a difference is called significant when its paired CI excludes zero." + (" One seed gives no interval: nothing can be called significant." if n == 1 else "")]
+    base = torch_rows[("triplet", config.baseline_dim)]
+    for dim in config.dims:
+        if ("triplet", dim) not in torch_rows:
+            continue
+        trip = torch_rows[("triplet", dim)]
+        for loss in [l for l in config.losses if l != "triplet"]:
+            row = torch_rows[(loss, dim)]
+            for name in ("precision_at_1", "mean_average_precision_at_r"):
+                d = paired_delta(row[name]["values"], trip[name]["values"])
+                word = "better than" if d["mean"] > 0 else "worse than"
+                if not d["significant"]:
+                    word = "not significantly different from"
+                lines.append(
+                    f"d={dim}: {loss} {name} {row[name]['mean']:.4f} vs triplet {trip[name]['mean']:.4f} "
+                    f"(Δ {d['mean']:+.4f} ± {d['ci95']:.4f}): {word} triplet at the same dim."
+                )
+        for loss in config.losses:
+            row = torch_rows[(loss, dim)]
+            d = row["delta_precision_at_1"]
+            state = "significantly below" if d["significant"] and d["mean"] < 0 else "significantly above" if d["significant"] else "within noise of"
+            lines.append(
+                f"d={dim}: {loss} is {state} the d={config.baseline_dim} triplet baseline on precision_at_1 "
+                f"(Δ {d['mean']:+.4f} ± {d['ci95']:.4f}); its int8 gallery takes {dim} B per identity against "
+                f"{4 * config.baseline_dim} B for the baseline at fp32."
+            )
+    return lines

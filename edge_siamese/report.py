@@ -1,0 +1,164 @@
+"""The compare report: ``REPORT.md``, a self-contained ``report.html`` and the plots, from ``results.json``."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .files import atomic_path  # noqa: E402
+
+COLUMNS = (
+    "loss", "dim", "format", "precision", "status", "P@1", "MAP@R", "TAR@FAR=1e-3", "ΔP@1 vs baseline",
+    "size KB", "peak RSS MB", "p50 ms", "p99 ms", "gallery B/id", "train s", "train peak MB", "epochs to 95%",
+)
+
+
+def _ci(stat: dict) -> str:
+    return f"{stat['mean']:.4f}" if stat["n"] < 2 else f"{stat['mean']:.4f} ± {stat['ci95']:.4f}"
+
+
+def _delta(stat: dict, baseline: bool) -> str:
+    if baseline:
+        return "baseline"
+    text = f"{stat['mean']:+.4f}" if stat["n"] < 2 else f"{stat['mean']:+.4f} ± {stat['ci95']:.4f}"
+    return text + (" *" if stat.get("significant") else "")
+
+
+def table_rows(results: dict, target: str) -> list[list[str]]:
+    out = []
+    for r in results["summary"]["rows"]:
+        b = r["bench"].get(target, {})
+        if "not_measured" in b:
+            perf = ["not measured"] * 3
+        elif b:
+            perf = [f"{b['peak_rss_mb']:.1f}" if b.get("peak_rss_mb") else "-", f"{b['p50_ms']:.3f}", f"{b['p99_ms']:.3f}"]
+            if b.get("emulated"):
+                perf = [perf[0], "emulated", f"{b['guest_instructions_per_inference']:,.0f} insn" if b.get("guest_instructions_per_inference") else "emulated"]
+        else:
+            perf = ["-"] * 3
+        out.append([
+            r["loss"], str(r["dim"]), r["format"], r["precision"], r["status"],
+            _ci(r["precision_at_1"]), _ci(r["mean_average_precision_at_r"]), _ci(r["tar_at_far_1e-3"]),
+            _delta(r["delta_precision_at_1"], r["baseline"]),
+            f"{r['size_bytes'] / 1024:.1f}" if "size_bytes" in r else "-", *perf,
+            str(r["gallery_bytes_per_identity"]), f"{r['train_time_s']['mean']:.1f}", f"{r['peak_train_rss_mb']['mean']:.0f}",
+            f"{r['epochs_to_95']['mean']:.1f}",
+        ])
+    return out
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def plot_all(results: dict, out: Path, embeddings_2d: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple[str, str]]:
+    """Write the report's figures; return (file name, caption) pairs."""
+    config, rows = results["config"], results["summary"]["rows"]
+    figures = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for loss in config["losses"]:
+        pts = [r for r in rows if r["loss"] == loss and r["format"] == "pytorch" and not r["baseline"]]
+        ax.errorbar([r["dim"] for r in pts], [r["precision_at_1"]["mean"] for r in pts], yerr=[np.nan_to_num(r["precision_at_1"]["ci95"]) for r in pts], marker="o", capsize=3, label=loss)
+    base = next(r for r in rows if r["baseline"] and r["format"] == "pytorch")
+    ax.axhline(base["precision_at_1"]["mean"], color="grey", ls="--", label=f"triplet d={config['baseline_dim']}")
+    ax.set(xscale="log", xlabel="embedding dim", ylabel="test precision@1", title="precision@1 vs embedding dim")
+    ax.set_xticks(config["dims"], [str(d) for d in config["dims"]])
+    ax.legend()
+    _save(fig, out / "p1_vs_dim.png")
+    figures.append(("p1_vs_dim.png", "precision_at_1 against embedding dimension (mean ± 95% CI over seeds)"))
+
+    for target in results["bench"]:
+        pts = [r for r in rows if target in r["bench"] and "p50_ms" in r["bench"][target] and not r["bench"][target].get("emulated")]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in pts:
+            ax.scatter(r["size_bytes"] / 1024, r["bench"][target]["p50_ms"], marker="o" if r["precision"] == "fp32" else "s")
+            ax.annotate(f"{r['loss']} d{r['dim']} {r['format']} {r['precision']}", (r["size_bytes"] / 1024, r["bench"][target]["p50_ms"]), fontsize=6)
+        ax.set(xlabel="model size (KB)", ylabel="p50 latency, batch 1 (ms)", title=f"latency vs size ({target})")
+        _save(fig, out / f"pareto_{target}.png")
+        figures.append((f"pareto_{target}.png", f"latency against size on {target} (circle fp32, square int8)"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    files = [r for r in rows if r["format"] != "pytorch"]
+    labels = sorted({(r["loss"], r["dim"], r["format"]) for r in files}, key=lambda k: (k[1], k[0], k[2]))
+    x = np.arange(len(labels))
+    for i, precision in enumerate(("fp32", "int8")):
+        vals = [next((r["precision_at_1"]["mean"] for r in files if (r["loss"], r["dim"], r["format"]) == k and r["precision"] == precision), np.nan) for k in labels]
+        ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=precision)
+    ax.set_xticks(x, [f"{l} d{d} {f}" for l, d, f in labels], rotation=70, fontsize=6)
+    lo = min((r["precision_at_1"]["mean"] for r in files), default=0)
+    ax.set(ylabel="precision@1 of the exported file", ylim=(max(0, lo - 0.05), 1.0), title="fp32 vs int8")
+    ax.legend()
+    _save(fig, out / "fidelity.png")
+    figures.append(("fidelity.png", "precision_at_1 of each exported file at fp32 and int8 (held-out images)"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, run in results["runs"].items():
+        if run["seed"] == 0:
+            ax.plot([h["epoch"] for h in run["history"]], [h["val_precision_at_1"] for h in run["history"]], label=f"{run['loss']} d{run['dim']}")
+    ax.set(xlabel="epoch", ylabel="validation precision@1", title="validation curves (seed 0)")
+    ax.legend(fontsize=6)
+    _save(fig, out / "curves.png")
+    figures.append(("curves.png", "validation precision_at_1 per epoch, seed 0"))
+
+    if embeddings_2d:
+        fig, axes = plt.subplots(1, len(embeddings_2d), figsize=(4 * len(embeddings_2d), 4))
+        for ax, (name, (xy, labels_)) in zip(np.atleast_1d(axes), embeddings_2d.items()):
+            ax.scatter(xy[:, 0], xy[:, 1], c=labels_, cmap="tab10", s=6)
+            ax.set(title=name, xticks=[], yticks=[])
+        _save(fig, out / "embeddings_2d.png")
+        figures.append(("embeddings_2d.png", "test embeddings in 2-D (the model itself at d=2, PCA otherwise), colour = class"))
+    return figures
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _setup_lines(results: dict) -> list[str]:
+    c, m = results["config"], results["machine"]
+    return [
+        f"dataset {c['dataset']}, split by {c['split']}, backbone {c['backbone']}, {c['epochs']} epochs, {c['seeds']} seed(s)",
+        f"losses {', '.join(c['losses'])} at dims {', '.join(map(str, c['dims']))}; baseline triplet at d={c['baseline_dim']}",
+        f"formats {', '.join(c['formats'])} at fp32 and int8; targets {', '.join(c['targets'])}",
+        f"machine: {m['processor']}, {m['platform']}, Python {m['python']}; took {results['elapsed_s'] / 60:.1f} min",
+        f"each accuracy figure: mean over {c['seeds']} run(s) ± 95% CI; latency and memory: seed 0's bundle; * = significant",
+    ]
+
+
+def write_report(results: dict, out: Path, embeddings_2d: dict) -> None:
+    figures = plot_all(results, out, embeddings_2d)
+    verdict = results["summary"]["verdict"]
+    md = ["# edge-siamese compare", "", "## Verdict", ""] + [f"- {v}" for v in verdict]
+    md += ["", "## Setup", ""] + [f"- {s}" for s in _setup_lines(results)]
+    page = [f"<h1>edge-siamese compare</h1><h2>Verdict</h2><ul>{''.join(f'<li>{html.escape(v)}</li>' for v in verdict)}</ul>"]
+    page.append(f"<h2>Setup</h2><ul>{''.join(f'<li>{html.escape(s)}</li>' for s in _setup_lines(results))}</ul>")
+    for target in results["bench"] or {"none": {}}:
+        rows = table_rows(results, target)
+        md += ["", f"## Target: {target}", "", _md_table(COLUMNS, rows)]
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
+        page.append(f"<h2>Target: {html.escape(target)}</h2><table><tr>{head}</tr>{body}</table>")
+    md += ["", "## Figures", ""] + [f"![{cap}]({name})\n\n{cap}\n" for name, cap in figures]
+    for name, cap in figures:
+        data = base64.b64encode((out / name).read_bytes()).decode()
+        page.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}</figcaption></figure>")
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:900px}"
+    with atomic_path(out / "REPORT.md") as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>edge-siamese compare</title><style>{style}</style></head><body>{''.join(page)}</body></html>\n")
