@@ -78,16 +78,19 @@ class BundleError(ValueError):
     """A bundle that cannot be used as it is; the message says what is wrong and what to do."""
 
 
+def schema_paths(schema: dict, prefix: str = "") -> set[str]:
+    """Every dotted field path a schema dict defines, under ``prefix``."""
+    paths = set()
+    for key, spec in schema.items():
+        paths.add(prefix + key)
+        if isinstance(spec, dict):
+            paths |= schema_paths(spec, f"{prefix}{key}.")
+    return paths
+
+
 def field_names() -> set[str]:
-    """Every dotted field name the schema defines (``embedding.dim``, ``files[].input.scale``, ...)."""
-
-    def walk(schema: dict, prefix: str):
-        for key, spec in schema.items():
-            yield prefix + key
-            if isinstance(spec, dict):
-                yield from walk(spec, f"{prefix}{key}.")
-
-    return set(walk(SCHEMA, "")) | set(walk(FILE, "files[]."))
+    """Every manifest field name (``embedding.dim``, ``files[].input.scale``, ...)."""
+    return schema_paths(SCHEMA) | schema_paths(FILE, "files[].")
 
 
 def check_schema(value, spec, where: str = "") -> None:

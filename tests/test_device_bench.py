@@ -21,6 +21,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from device_bench.bench import GOLDEN_SLACK, LATENCY, RESULT, ROW_FAILED, ROW_OK, validate_result
+from device_bench.manifest import schema_paths
 from device_bench.manifest import MANIFEST, BundleError, read_bundle, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,28 +352,21 @@ def test_a_tiny_min_seconds_still_times_one_run(bench_bundle, tmp_path):
 # --- docs/bench-schema.md names every field of the schema ---
 
 
-def schema_paths() -> set[str]:
+def bench_schema_paths() -> set[str]:
     """Every dotted field path of the JSON document, e.g. ``rows[].latency[].p50_ms``."""
-
-    def walk(schema: dict, prefix: str):
-        for key, spec in schema.items():
-            yield prefix + key
-            if isinstance(spec, dict):
-                yield from walk(spec, f"{prefix}{key}.")
-
     gallery = {"size": (int,), "precision": (str,), "bytes": (int,), **LATENCY}
     return (
-        set(walk(RESULT, ""))
-        | set(walk(ROW_OK, "rows[]."))
-        | set(walk(ROW_FAILED, "rows[]."))
-        | set(walk({"batch": (int,), **LATENCY}, "rows[].latency[]."))
-        | set(walk(gallery, "rows[].gallery[]."))
+        schema_paths(RESULT)
+        | schema_paths(ROW_OK, "rows[].")
+        | schema_paths(ROW_FAILED, "rows[].")
+        | schema_paths({"batch": (int,), **LATENCY}, "rows[].latency[].")
+        | schema_paths(gallery, "rows[].gallery[].")
     )
 
 
 def test_the_schema_doc_names_every_field_and_no_other():
     tokens = set(re.findall(r"`([^`\n]+)`", SCHEMA_DOC.read_text()))
-    paths = schema_paths()
+    paths = bench_schema_paths()
     assert sorted(paths - tokens) == []
     starts = tuple(f"{key}." for key in RESULT)
     named = {t for t in tokens if t.startswith(starts)}
