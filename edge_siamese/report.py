@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .files import atomic_path  # noqa: E402
@@ -74,6 +75,7 @@ def plot_all(results: dict, out: Path, embeddings_2d: dict[str, tuple[np.ndarray
     ax.axhline(base["precision_at_1"]["mean"], color="grey", ls="--", label=f"triplet d={config['baseline_dim']}")
     ax.set(xscale="log", xlabel="embedding dim", ylabel="test precision@1", title="precision@1 vs embedding dim")
     ax.set_xticks(config["dims"], [str(d) for d in config["dims"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend()
     _save(fig, out / "p1_vs_dim.png")
     figures.append(("p1_vs_dim.png", "precision_at_1 against embedding dimension (mean ± 95% CI over seeds)"))
