@@ -175,14 +175,13 @@ def bench_file(
     precision = "int8" if entry["precision"] == "int8" else "fp32"
     rng = np.random.default_rng(0)
     for n in gallery:
-        gallery = Gallery(dim, embedding["distance"], precision, None if weights is None else np.asarray(weights), int8_scale=1 / 127)
-        for start in range(0, n, Gallery.CHUNK):  # streamed: never more than one chunk of float32 at once
+        store = Gallery(dim, embedding["distance"], precision, None if weights is None else np.asarray(weights), int8_scale=1 / 127)
+        for start in range(0, n, Gallery.CHUNK):  # generated chunk by chunk: no N x dim float64 at once
             chunk = rng.normal(size=(min(Gallery.CHUNK, n - start), dim)).astype(np.float32)
-            gallery.enroll(chunk / np.linalg.norm(chunk, axis=1, keepdims=True), np.arange(start, start + len(chunk)))
+            store.enroll(chunk / np.linalg.norm(chunk, axis=1, keepdims=True), np.arange(start, start + len(chunk)))
         query = emb[:1]
-        times = _timed_runs(lambda: gallery.search(query, 1), max(1, warmup), runs or 20, None)
-        row["gallery"].append({"size": n, "precision": precision, "bytes": gallery.nbytes, **latency_stats(times, 1)})
-        del gallery
+        times = _timed_runs(lambda: store.search(query, 1), max(1, warmup), runs or 20, None)
+        row["gallery"].append({"size": n, "precision": precision, "bytes": store.nbytes, **latency_stats(times, 1)})
     row["memory"]["peak_rss_with_eval_and_gallery_mb"] = memory_mb()["peak_rss_mb"]
     row["status"] = "ok"
     return row

@@ -295,7 +295,6 @@ def verdict(config: CompareConfig, rows: list[dict]) -> list[str]:
     torch_rows = {(r["loss"], r["dim"]): r for r in rows if r["format"] == "pytorch"}
     n = config.seeds
     lines = [f"Each figure is the mean of {n} seed(s) with its 95% confidence interval; a difference is called significant when its paired CI excludes zero." + (" One seed gives no interval: nothing can be called significant." if n == 1 else "")]
-    base = torch_rows[("triplet", config.baseline_dim)]
     for dim in config.dims:
         if ("triplet", dim) not in torch_rows:
             continue
