@@ -11,7 +11,7 @@ import numpy as np
 
 from .formats import FORMATS
 from .manifest import Bundle, BundleError, read_bundle
-from .metrics import pairwise_distances
+from .metrics import pairwise_distances, rowwise_distances
 from .runtimes import open_runtime
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -76,8 +76,7 @@ class Embedder:
 
     def distance(self, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
         """Row-wise distance between two (N, dim) sets of embeddings, with the manifest's distance."""
-        e1, e2 = np.atleast_2d(e1), np.atleast_2d(e2)
-        return np.array([pairwise_distances(a[None], b[None], self.distance_name, self.weights)[0, 0] for a, b in zip(e1, e2)])
+        return rowwise_distances(np.atleast_2d(e1), np.atleast_2d(e2), self.distance_name, self.weights)
 
     def verify(self, image1: np.ndarray, image2: np.ndarray, far: str = "1e-3") -> tuple[bool, float]:
         """Same identity? ``(distance < threshold at that FAR, distance)`` for one pair of raw images."""

@@ -117,9 +117,9 @@ def _sample_pairs(n, max_pairs, rng):
     return i, j
 
 
-def _pair_distances(emb, i, j, distance, weights):
-    """``distance(emb[i], emb[j])`` row by row, without a pairs x pairs matrix."""
-    a, b = emb[i], emb[j]
+def rowwise_distances(a: np.ndarray, b: np.ndarray, distance: str = "euclidean", weights: np.ndarray | None = None) -> np.ndarray:
+    """``distance(a[k], b[k])`` for each row k of two (N, D) arrays, without an N x N matrix."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if distance in ("euclidean", "squared_euclidean"):
         sq = ((a - b) ** 2).sum(1)
         return np.sqrt(sq) if distance == "euclidean" else sq
@@ -130,8 +130,10 @@ def _pair_distances(emb, i, j, distance, weights):
             raise ValueError("weighted_l1 needs the weights saved with the model")
         diff = np.abs(a - b)
         return (diff * weights).sum(1) if distance == "weighted_l1" else diff.sum(1)
-    norm = np.maximum(np.linalg.norm(a, axis=1), _EPS)
-    return np.abs(norm - (a * b).sum(1) / norm)
+    if distance == "shadow":
+        norm = np.maximum(np.linalg.norm(a, axis=1), _EPS)
+        return np.abs(norm - (a * b).sum(1) / norm)
+    raise ValueError(f"unknown distance {distance!r}: choose one of {', '.join(DISTANCES)}")
 
 
 def _average_ranks(values):
@@ -229,7 +231,7 @@ def retrieval_metrics(
             out[f"one_shot_{ways}way"] = acc
 
     i, j = _sample_pairs(len(emb), max_pairs, rng)
-    d = _pair_distances(emb, i, j, distance, weights)
+    d = rowwise_distances(emb[i], emb[j], distance, weights)
     same = labels[i] == labels[j]
     out.update(verification_metrics(d[same], d[~same]))
     out["intra_inter_distance_ratio"] = float(d[same].mean() / max(d[~same].mean(), _EPS))

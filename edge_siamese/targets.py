@@ -78,7 +78,7 @@ def bench_ssh(bundle: Path, url: str, args: list[str], python: str = "python3") 
     return validate_result(result)
 
 
-def _cuda_events_ms(fn, warmup: int, runs: int) -> list[float]:
+def _cuda_event_times_s(fn, warmup: int, runs: int) -> list[float]:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -125,7 +125,7 @@ def bench_cuda(bundle: Path, run_dir: Path | None, batches: list[int], warmup: i
                 def fn(model=model, x=x):
                     with torch.no_grad():
                         model(x)
-            times = _cuda_events_ms(fn, warmup, runs)
+            times = _cuda_event_times_s(fn, warmup, runs)
             row["latency"].append({"batch": batch, "cuda_graph": batch == 1, "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20, **latency_stats(times, batch)})
         rows.append(row)
     rows += _ort_cuda_rows(b, batches, warmup, runs)
@@ -151,16 +151,7 @@ def _ort_cuda_rows(b, batches: list[int], warmup: int, runs: int) -> list[dict]:
         row = {"file": entry["path"], "format": "onnx", "precision": entry["precision"], "runtime": "onnxruntime CUDA", "status": "ok", "latency": []}
         for batch in batches:
             x = np.ascontiguousarray(np.resize(golden, (batch, *golden.shape[1:])))
-            times = []
-            for i in range(warmup + runs):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                session.run(None, {name: x})
-                end.record()
-                end.synchronize()
-                if i >= warmup:
-                    times.append(start.elapsed_time(end) / 1000)
+            times = _cuda_event_times_s(lambda x=x: session.run(None, {name: x}), warmup, runs)
             row["latency"].append({"batch": batch, **latency_stats(times, batch)})
         rows.append(row)
     return rows

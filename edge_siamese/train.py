@@ -70,10 +70,15 @@ def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None
     return PreparedData(dataset, splits, preprocessing)
 
 
+def retrieval_distance(loss) -> tuple[str, np.ndarray | None]:
+    """The distance a loss trains, as the device names it, and its weights (Koch's learned L1)."""
+    weights = loss.weights.detach().cpu().numpy() if hasattr(loss, "weights") else None
+    return loss.distance.name, weights
+
+
 def validation_metrics(model, loss, inputs: torch.Tensor, labels: np.ndarray, **kwargs) -> dict:
     """Every retrieval metric of ``inputs`` under the distance the loss trains."""
-    weights = loss.weights.detach().cpu().numpy() if hasattr(loss, "weights") else None
-    return retrieval_metrics(embed(model, inputs).numpy(), labels, loss.distance.name, weights, **kwargs)
+    return retrieval_metrics(embed(model, inputs).numpy(), labels, *retrieval_distance(loss), **kwargs)
 
 
 def peak_memory_mb(device: torch.device) -> dict:

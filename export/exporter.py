@@ -28,7 +28,7 @@ from edge_siamese.checkpoints import METRICS, load_run
 from edge_siamese.errors import UserError
 from edge_siamese.models import embed
 from edge_siamese.progress import progress_bar
-from edge_siamese.train import prepare_data
+from edge_siamese.train import prepare_data, retrieval_distance
 
 from . import bundle
 from . import onnx as onnx_export
@@ -151,9 +151,7 @@ def export_run(
     test_idx = data.splits["test"][held_out]
     test_x, test_y = data.inputs("test")[held_out], data.labels("test")[held_out]
 
-    loss = run.loss
-    weights = loss.weights.detach().cpu().numpy() if hasattr(loss, "weights") else None
-    distance = loss.distance.name
+    distance, weights = retrieval_distance(run.loss)
     reference = embed(run.model, test_x).numpy()
     val = retrieval_metrics(embed(run.model, data.inputs("val")).numpy(), data.labels("val"), distance, weights)
 
