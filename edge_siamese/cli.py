@@ -246,6 +246,25 @@ def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds,
     click.echo(f"wrote {out / 'REPORT.md'}, {out / 'report.html'} and {out / 'results.json'} ({results['elapsed_s'] / 60:.1f} min)")
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--port", type=int, default=8765, show_default=True, help="0 picks a free port.")
+@click.option("--clients", type=click.Path(path_type=Path), default=None, help="The clients/ folder  [default: this checkout's]")
+def demo(bundle, port, clients) -> None:
+    """Serve BUNDLE and the web page on 127.0.0.1: the golden self-check and a two-image verdict in a browser."""
+    from .demo import CLIENTS, demo_server
+
+    server = demo_server(bundle, port, clients or CLIENTS)
+    host, port = server.server_address[:2]
+    click.echo(f"serving {bundle} at http://{host}:{port}/web/  (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
     try:

@@ -1,0 +1,305 @@
+// An edge-siamese bundle as an app reads it (docs/app-integration.md): the manifest, the sha256 of
+// every file, golden.npz, the preprocessing, int8 input/output, the distance and the verdict, and
+// the golden self-check. Web-platform APIs only (crypto.subtle, DecompressionStream, typed arrays),
+// so that the Node verifier (clients/node) and the web page (clients/web) share this one copy.
+// Callers bring the bytes and a `run(data, shape)` function for their runtime.
+
+export const SCHEMA_VERSION = 1;
+export const GOLDEN_SLACK = 1e-3; // as device_bench.bench: a file may fall this far below the min cosine export measured
+const EPS = 1e-12; // as device_bench.metrics: guards the norm of an all-zero row
+const PREPROCESSING_TOLERANCE = 1e-5; // float64 here against numpy's float32: a few ulps of values within +-10
+
+export class BundleError extends Error {}
+
+/** The parsed manifest.json, checked for what the clients use; throws a BundleError that says how to fix it. */
+export function checkManifest(manifest) {
+  if (manifest?.schema_version !== SCHEMA_VERSION) {
+    throw new BundleError(
+      `bundle schema version ${manifest?.schema_version} is not ${SCHEMA_VERSION}: use the client of the edge-siamese that exported it, or export again`,
+    );
+  }
+  const missing = [
+    "input.shape", "preprocessing.resize", "preprocessing.channels", "preprocessing.scale", "preprocessing.mean",
+    "preprocessing.std", "embedding.dim", "embedding.distance", "thresholds", "files", "eval.path", "golden.path",
+  ].filter((key) => key.split(".").reduce((value, part) => value?.[part], manifest) === undefined);
+  if (missing.length) throw new BundleError(`manifest.json lacks ${missing.join(", ")}: export the bundle again`);
+  if (!Array.isArray(manifest.files) || manifest.files.length === 0) throw new BundleError("manifest.json lists no model files: export the bundle again");
+  return manifest;
+}
+
+/** Throws unless the bundle has an ONNX file, which both clients run (the page's TFLite support is extra). */
+export function requireOnnx(manifest) {
+  if (!manifest.files.some((entry) => entry.format === "onnx")) {
+    const formats = [...new Set(manifest.files.map((entry) => entry.format))].join(", ");
+    throw new BundleError(`the bundle has no ONNX file (only ${formats}): export it with --format onnx`);
+  }
+}
+
+/** Every file manifest.json lists (models, eval, golden), each as `{ path, sha256 }`. */
+export function listedFiles(manifest) {
+  return [...manifest.files, manifest.eval, manifest.golden];
+}
+
+export async function sha256Hex(bytes) {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Throws unless `bytes` are the file manifest.json lists as `entry`. */
+export async function checkSha256(entry, bytes) {
+  if ((await sha256Hex(bytes)) !== entry.sha256) {
+    throw new BundleError(`${entry.path} does not match its sha256 in manifest.json (changed or truncated): copy or export the bundle again`);
+  }
+}
+
+// --- .npz: a zip (numpy.savez[_compressed]) of .npy arrays --------------------------------------------
+
+const NPY_TYPES = { "<f4": Float32Array, "|u1": Uint8Array, "|i1": Int8Array };
+
+async function inflateRaw(bytes) {
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate-raw"));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
+/** Every member of a zip archive, by name, read through its central directory (zip64 included). */
+async function readZip(bytes, name) {
+  const EOCD = 0x06054b50, CENTRAL = 0x02014b50, LOCAL = 0x04034b50, ZIP64_EXTRA = 0x0001;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const u16 = (at) => view.getUint16(at, true), u32 = (at) => view.getUint32(at, true);
+  let end = bytes.length - 22;
+  while (end >= 0 && u32(end) !== EOCD) end--;
+  if (end < 0) throw new BundleError(`${name} is not a zip archive: export the bundle again`);
+  const members = {};
+  let at = u32(end + 16);
+  for (let i = 0, count = u16(end + 10); i < count; i++) {
+    if (u32(at) !== CENTRAL) throw new BundleError(`${name} has a corrupt zip directory: export the bundle again`);
+    const method = u16(at + 10), nameLength = u16(at + 28), extraLength = u16(at + 30), commentLength = u16(at + 32);
+    let compressedSize = u32(at + 20), size = u32(at + 24), offset = u32(at + 42);
+    const member = new TextDecoder().decode(bytes.subarray(at + 46, at + 46 + nameLength));
+    // zip64: the 32-bit fields that overflowed read 0xFFFFFFFF and their values follow, in order, in the extra field
+    for (let x = at + 46 + nameLength; x < at + 46 + nameLength + extraLength; x += 4 + u16(x + 2)) {
+      if (u16(x) !== ZIP64_EXTRA) continue;
+      let field = x + 4;
+      const next = () => Number(view.getBigUint64((field += 8) - 8, true));
+      if (size === 0xffffffff) size = next();
+      if (compressedSize === 0xffffffff) compressedSize = next();
+      if (offset === 0xffffffff) offset = next();
+    }
+    if (u32(offset) !== LOCAL) throw new BundleError(`${name}: corrupt zip member ${member}`);
+    const start = offset + 30 + u16(offset + 26) + u16(offset + 28);
+    const raw = bytes.subarray(start, start + compressedSize);
+    if (method === 8) members[member] = await inflateRaw(raw);
+    else if (method === 0) members[member] = raw;
+    else throw new BundleError(`${name}: zip member ${member} uses compression method ${method}; only stored and deflate are read`);
+    if (members[member].length !== size) throw new BundleError(`${name}: zip member ${member} is truncated`);
+    at += 46 + nameLength + extraLength + commentLength;
+  }
+  return members;
+}
+
+/** A C-order .npy array of float32, uint8 or int8: `{ shape, data }`. */
+function readNpy(bytes, name) {
+  if (String.fromCharCode(...bytes.subarray(0, 6)) !== "\x93NUMPY") throw new BundleError(`${name} is not a .npy array`);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const [headerStart, headerLength] = bytes[6] === 1 ? [10, view.getUint16(8, true)] : [12, view.getUint32(8, true)];
+  const header = new TextDecoder("latin1").decode(bytes.subarray(headerStart, headerStart + headerLength));
+  const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1];
+  const fortran = /'fortran_order':\s*(True|False)/.exec(header)?.[1];
+  const shapeText = /'shape':\s*\(([^)]*)\)/.exec(header)?.[1];
+  const Type = NPY_TYPES[descr];
+  if (!Type || fortran !== "False" || shapeText === undefined) {
+    throw new BundleError(`${name} must be a C-order ${Object.keys(NPY_TYPES).join(", ")} array (header: ${header.trim()})`);
+  }
+  const shape = shapeText.split(",").map((s) => s.trim()).filter(Boolean).map(Number);
+  const count = shape.reduce((a, b) => a * b, 1);
+  const body = bytes.subarray(headerStart + headerLength, headerStart + headerLength + count * Type.BYTES_PER_ELEMENT);
+  if (body.length < count * Type.BYTES_PER_ELEMENT) throw new BundleError(`${name} is truncated`);
+  return { shape, data: new Type(body.slice().buffer) }; // little-endian, as every platform these clients run on
+}
+
+/** The named arrays of an .npz file. */
+export async function readNpz(bytes, name, keys) {
+  const members = await readZip(bytes, name);
+  const arrays = {};
+  for (const key of keys) {
+    if (!members[`${key}.npy`]) throw new BundleError(`${name} has no ${key} array: export the bundle again`);
+    arrays[key] = readNpy(members[`${key}.npy`], `${name}:${key}`);
+  }
+  return arrays;
+}
+
+// --- preprocessing, as device_bench.embedder.preprocess ----------------------------------------------
+
+const LUMA = [0.299, 0.587, 0.114]; // ITU-R 601-2, the manifest's grey_conversion
+
+/** RGBA pixels (already resized to the manifest's `resize`) -> the model's float32 NCHW input of one image. */
+export function preprocessRgba(rgba, pre) {
+  const [height, width] = pre.resize;
+  const { channels, scale, mean, std } = pre;
+  if (rgba.length !== 4 * height * width) throw new BundleError(`the image is not ${height}x${width} after resizing`);
+  const x = new Float32Array(channels * height * width);
+  for (let p = 0; p < height * width; p++) {
+    const [r, g, b] = [rgba[4 * p], rgba[4 * p + 1], rgba[4 * p + 2]];
+    const values = channels === 1 ? [LUMA[0] * r + LUMA[1] * g + LUMA[2] * b] : [r, g, b];
+    for (let c = 0; c < channels; c++) x[c * height * width + p] = (values[c] * scale - mean[c]) / std[c];
+  }
+  return x;
+}
+
+/** golden.npz's raw images (N, H, W, C) -> their NCHW input, to check this preprocessing against Python's. */
+export function preprocessRaw(images, pre) {
+  const [n, height, width, c] = images.shape;
+  const rgba = new Uint8ClampedArray(4 * height * width);
+  const per = pre.channels * height * width;
+  const out = new Float32Array(n * per);
+  for (let i = 0; i < n; i++) {
+    for (let p = 0; p < height * width; p++) {
+      for (let k = 0; k < 3; k++) rgba[4 * p + k] = images.data[(i * height * width + p) * c + (c === 1 ? 0 : k)];
+      rgba[4 * p + 3] = 255;
+    }
+    out.set(preprocessRgba(rgba, pre), i * per);
+  }
+  return { shape: [n, pre.channels, height, width], data: out };
+}
+
+// --- running a model ----------------------------------------------------------------------------------
+
+const INT_RANGES = { int8: [-128, 127, Int8Array], uint8: [0, 255, Uint8Array] };
+
+/** numpy's round: halves to even. */
+function rint(v) {
+  const floor = Math.floor(v), frac = v - floor;
+  return frac < 0.5 ? floor : frac > 0.5 ? floor + 1 : floor + (floor % 2 !== 0);
+}
+
+/** float32 -> the file's input dtype, with the scale and zero point the manifest records for it. */
+function quantize(x, io) {
+  if (io.dtype === "float32") return x;
+  const [lo, hi, Type] = INT_RANGES[io.dtype];
+  return Type.from(x, (v) => Math.min(hi, Math.max(lo, rint(v / io.scale + io.zero_point))));
+}
+
+function dequantize(y, io) {
+  if (io.dtype === "float32") return Float32Array.from(y);
+  return Float32Array.from(y, (v) => (v - io.zero_point) * io.scale);
+}
+
+/** Throws unless `shape` (from `source`: the model file, or golden.npz) is the input shape manifest.json lists for `entry`. */
+export function checkInputShape(entry, shape, source) {
+  const expected = entry.input.shape;
+  const differs = (d, i) => i > 0 && typeof d === "number" && typeof expected[i] === "number" && d !== expected[i];
+  if (shape.length !== expected.length || shape.some(differs)) {
+    throw new BundleError(`${source} has input shape [${shape}] but manifest.json says [${expected}] for ${entry.path}: export the bundle again`);
+  }
+}
+
+/**
+ * Embed float32 NCHW inputs `{ shape, data }` with one model file: quantized when its input is int8,
+ * all at once or one image per run when its batch is fixed at 1. `run(data, shape)` is the runtime's
+ * call and returns the output's typed array.
+ */
+export async function embed(entry, inputs, run) {
+  if (![entry.input.dtype, entry.output.dtype].every((dtype) => dtype === "float32" || dtype in INT_RANGES)) {
+    throw new BundleError(`${entry.path} has ${entry.input.dtype} input and ${entry.output.dtype} output; float32, int8 and uint8 are supported`);
+  }
+  const [n, ...sample] = inputs.shape;
+  checkInputShape(entry, inputs.shape, "the input");
+  const per = sample.reduce((a, b) => a * b, 1);
+  const dim = entry.output.shape.at(-1);
+  const batch = entry.input.shape[0] === 1 ? 1 : n;
+  const out = new Float32Array(n * dim);
+  for (let i = 0; i < n; i += batch) {
+    const rows = Math.min(batch, n - i);
+    const y = dequantize(await run(quantize(inputs.data.subarray(i * per, (i + rows) * per), entry.input), [rows, ...sample]), entry.output);
+    if (y.length !== rows * dim) throw new BundleError(`${entry.path} gave ${y.length} values for ${rows} image(s); manifest.json says ${dim} each`);
+    out.set(y, i * dim);
+  }
+  return out;
+}
+
+/** Per-row cosine (double precision) and largest absolute difference, as device_bench.metrics.embedding_agreement. */
+export function agreement(output, reference) {
+  const [n, dim] = reference.shape;
+  let minCosine = Infinity, maxAbsDiff = 0;
+  for (let r = 0; r < n; r++) {
+    let dot = 0, aa = 0, bb = 0;
+    for (let j = r * dim; j < (r + 1) * dim; j++) {
+      const a = output[j], b = reference.data[j];
+      dot += a * b; aa += a * a; bb += b * b;
+      maxAbsDiff = Math.max(maxAbsDiff, Math.abs(a - b));
+    }
+    minCosine = Math.min(minCosine, dot / Math.max(Math.sqrt(aa) * Math.sqrt(bb), EPS));
+  }
+  return { min_cosine: minCosine, max_abs_diff: maxAbsDiff };
+}
+
+/**
+ * The golden self-check. First this client's preprocessing of golden.npz's raw `images` against
+ * Python's `inputs`; then every model file: `runners[format]` is `async (entry) => ({ run, runtime })`,
+ * or a string saying why this client cannot run the format (the file is skipped). Fills
+ * `report.preprocessing`, `report.files`, `report.skipped` and `report.ok`; a file fails below its
+ * export-time min cosine - GOLDEN_SLACK.
+ */
+export async function selfCheck(manifest, golden, runners, report) {
+  const failures = [];
+  const inputs = preprocessRaw(golden.images, manifest.preprocessing);
+  let maxAbsDiff = 0;
+  inputs.data.forEach((v, i) => (maxAbsDiff = Math.max(maxAbsDiff, Math.abs(v - golden.inputs.data[i]))));
+  report.preprocessing = { max_abs_diff: maxAbsDiff, ok: maxAbsDiff <= PREPROCESSING_TOLERANCE };
+  if (!report.preprocessing.ok) failures.push(`preprocessing differs from Python's by ${maxAbsDiff.toExponential(2)}`);
+  for (const entry of manifest.files) {
+    const runner = runners[entry.format];
+    if (typeof runner !== "function") {
+      report.skipped.push({ path: entry.path, reason: runner ?? `this client has no runtime for ${entry.format}` });
+      continue;
+    }
+    const bar = entry.fidelity.min_cosine - GOLDEN_SLACK;
+    try {
+      const { run, runtime } = await runner(entry);
+      const check = agreement(await embed(entry, golden.inputs, run), golden.embeddings);
+      report.files[entry.path] = { ...check, required_min_cosine: bar, runtime, ok: check.min_cosine >= bar };
+      if (check.min_cosine < bar) failures.push(`${entry.path}: golden min cosine ${check.min_cosine.toFixed(6)} < ${bar.toFixed(6)}`);
+    } catch (err) {
+      report.files[entry.path] = { required_min_cosine: bar, ok: false, error: oneLine(err) };
+      failures.push(`${entry.path}: ${oneLine(err)}`);
+    }
+  }
+  if (failures.length) report.error = `golden check failed: ${failures.join("; ")}`;
+  report.ok = failures.length === 0;
+}
+
+export function oneLine(err) {
+  return String(err?.message ?? err).replace(/\s+/g, " ").trim();
+}
+
+// --- comparing two embeddings, as device_bench.metrics.rowwise_distances -------------------------------
+
+/** The manifest's distance between two embeddings (float64 arithmetic). */
+export function distance(a, b, embedding) {
+  const { distance: name, distance_weights: weights } = embedding;
+  let sum = 0, dot = 0, aa = 0, bb = 0;
+  for (let j = 0; j < a.length; j++) {
+    const d = a[j] - b[j];
+    if (name === "euclidean" || name === "squared_euclidean") sum += d * d;
+    else if (name === "l1") sum += Math.abs(d);
+    else if (name === "weighted_l1") sum += weights[j] * Math.abs(d);
+    dot += a[j] * b[j]; aa += a[j] * a[j]; bb += b[j] * b[j];
+  }
+  switch (name) {
+    case "euclidean": return Math.sqrt(sum);
+    case "squared_euclidean": case "l1": case "weighted_l1": return sum;
+    case "cosine": return 1 - dot / Math.max(Math.sqrt(aa) * Math.sqrt(bb), EPS);
+    case "shadow": {
+      const norm = Math.max(Math.sqrt(aa), EPS);
+      return Math.abs(norm - dot / norm);
+    }
+    default: throw new BundleError(`unknown distance ${name} in manifest.json: update this client`);
+  }
+}
+
+/** Same identity? `{ accept, distance, threshold }` at the manifest's threshold for that FAR. */
+export function verdict(d, thresholds, far = "1e-3") {
+  const threshold = thresholds[`far_${far}`];
+  if (typeof threshold !== "number") throw new BundleError(`manifest.json has no threshold for FAR ${far}`);
+  return { accept: d < threshold, distance: d, threshold };
+}

@@ -1,0 +1,216 @@
+// The page: load the bundle served beside it (edge-siamese demo), check every file's sha256, run the
+// golden self-check in this browser (ONNX with onnxruntime-web, TFLite with LiteRT.js, both WASM),
+// then embed two images the user picks and give the verdict at the manifest's threshold.
+// `?selfcheck=1` also writes the self-check JSON (the Node verifier's fields) into #self-check;
+// `?bundle=URL` reads the bundle from another folder of the same server.
+
+import {
+  BundleError, checkInputShape, checkManifest, checkSha256, distance, embed, listedFiles, oneLine,
+  preprocessRgba, readNpz, requireOnnx, selfCheck, verdict,
+} from "../core/bundle.mjs";
+
+const params = new URLSearchParams(location.search);
+const bundleUrl = new URL(params.get("bundle") ?? "/bundle/", location.href);
+const $ = (id) => document.getElementById(id);
+
+async function fetchBytes(path) {
+  const response = await fetch(new URL(path, bundleUrl), { cache: "no-store" });
+  if (!response.ok) throw new BundleError(`${path}: the server answered ${response.status}: serve the whole bundle folder (edge-siamese demo BUNDLE)`);
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+async function loadBundle() {
+  let manifest;
+  try {
+    manifest = JSON.parse(new TextDecoder().decode(await fetchBytes("manifest.json")));
+  } catch (err) {
+    throw err instanceof BundleError ? err : new BundleError(`manifest.json is not valid JSON (${err.message}): export the bundle again`);
+  }
+  checkManifest(manifest);
+  requireOnnx(manifest);
+  const files = {};
+  for (const entry of listedFiles(manifest)) {
+    files[entry.path] = await fetchBytes(entry.path);
+    await checkSha256(entry, files[entry.path]);
+  }
+  const golden = await readNpz(files[manifest.golden.path], manifest.golden.path, ["images", "inputs", "embeddings"]);
+  return { manifest, files, golden };
+}
+
+/** The runners of selfCheck; each model it opens is kept in `opened` for the compare section. */
+async function makeRunners(files, opened) {
+  const keep = (entry, runner) => (opened[entry.path] = runner);
+  let ort;
+  try {
+    ort = await import("onnxruntime-web");
+  } catch (err) {
+    throw new BundleError(`onnxruntime-web did not load (${oneLine(err)}): run npm ci --prefix clients/web and serve the page with edge-siamese demo`);
+  }
+  ort.env.wasm.wasmPaths = "/node_modules/onnxruntime-web/dist/";
+  ort.env.wasm.numThreads = 1; // threads need a cross-origin-isolated page; one is plenty for these models
+  const runners = {
+    onnx: async (entry) => {
+      const session = await ort.InferenceSession.create(files[entry.path], { executionProviders: ["wasm"] });
+      checkInputShape(entry, session.inputMetadata[0].shape, entry.path);
+      const run = async (data, shape) => {
+        const result = await session.run({ [entry.input.name]: new ort.Tensor(entry.input.dtype, data, shape) });
+        if (!result[entry.output.name]) throw new BundleError(`${entry.path} has no output named ${entry.output.name}`);
+        return result[entry.output.name].data;
+      };
+      return keep(entry, { run, runtime: `onnxruntime-web ${ort.env.versions.web}` });
+    },
+  };
+  try {
+    const litert = await import("@litertjs/core");
+    await litert.loadLiteRt("/node_modules/@litertjs/core/wasm/");
+    runners.tflite = async (entry) => {
+      const model = await litert.loadAndCompile(files[entry.path], { accelerator: "wasm" });
+      checkInputShape(entry, Array.from(model.getInputDetails()[0].shape), entry.path);
+      const run = async (data, shape) => {
+        const input = new litert.Tensor(data, shape);
+        const [output] = await model.run([input]);
+        input.delete();
+        const values = (await output.data()).slice();
+        output.delete();
+        return values;
+      };
+      return keep(entry, { run, runtime: "LiteRT.js (wasm)" });
+    };
+  } catch (err) {
+    runners.tflite = `LiteRT.js did not load (${oneLine(err)}): device_bench checks TFLite files`;
+  }
+  return runners;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function showSummary(manifest) {
+  const { training, embedding, thresholds } = manifest;
+  $("summary").textContent =
+    `${training.loss} loss, ${training.backbone} on ${training.dataset}, dim ${embedding.dim}, ${embedding.distance} distance; ` +
+    `accept a pair when distance < ${thresholds["far_1e-3"].toFixed(4)} (FAR 1e-3, ${thresholds.measured_on}).`;
+}
+
+function showReport(report) {
+  const rows = [...Object.entries(report.files), ...report.skipped.map((s) => [s.path, { skipped: s.reason }])];
+  $("files").tBodies[0].replaceChildren(...rows.map(([path, row]) => {
+    const tr = document.createElement("tr");
+    const cells = row.skipped
+      ? [path, `skipped: ${row.skipped}`, "", "", "", ""]
+      : [path, row.error ?? row.runtime, row.min_cosine?.toFixed(6) ?? "", row.required_min_cosine.toFixed(6), row.max_abs_diff?.toExponential(2) ?? "", row.ok ? "✓" : "✗"];
+    cells.forEach((text, i) => {
+      const td = tr.insertCell();
+      td.textContent = text;
+      if (i >= 2 && i <= 4) td.className = "num";
+      if (i === 5) td.className = row.ok ? "ok" : "fail";
+    });
+    return tr;
+  }));
+  const checked = Object.keys(report.files).length;
+  $("status").className = report.ok ? "ok" : "fail";
+  $("status").textContent = report.ok
+    ? `passed: ${checked} file(s) agree with PyTorch; preprocessing within ${report.preprocessing.max_abs_diff.toExponential(1)} of Python's`
+    : `failed: ${report.error}`;
+}
+
+function writeSelfCheck(report) {
+  if (params.get("selfcheck") !== "1") return;
+  $("self-check").textContent = JSON.stringify(report);
+  $("self-check").hidden = false;
+  $("self-check").dataset.state = "done";
+}
+
+/** An image file -> its model input, drawn into `preview` (the normalised input, min to max). */
+async function imageInput(file, pre, preview) {
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  } catch {
+    throw new BundleError(`${file.name} could not be decoded as an image: pick a PNG, JPEG, WebP, GIF or BMP file`);
+  }
+  const [height, width] = pre.resize;
+  const canvas = new OffscreenCanvas(width, height);
+  const context = canvas.getContext("2d", { willReadFrequently: true });
+  context.imageSmoothingEnabled = true;
+  context.imageSmoothingQuality = "low"; // bilinear, the manifest's resize_method
+  context.drawImage(bitmap, 0, 0, width, height);
+  const input = preprocessRgba(context.getImageData(0, 0, width, height).data, pre);
+  drawInput(input, pre, preview);
+  return input;
+}
+
+function drawInput(input, pre, canvas) {
+  const [height, width] = pre.resize;
+  const plane = height * width;
+  let lo = Infinity, hi = -Infinity;
+  input.forEach((v) => ((lo = Math.min(lo, v)), (hi = Math.max(hi, v))));
+  const pixels = new ImageData(width, height);
+  for (let p = 0; p < plane; p++) {
+    for (let k = 0; k < 3; k++) pixels.data[4 * p + k] = (255 * (input[(pre.channels === 1 ? 0 : k) * plane + p] - lo)) / Math.max(hi - lo, 1e-12);
+    pixels.data[4 * p + 3] = 255;
+  }
+  const small = new OffscreenCanvas(width, height);
+  small.getContext("2d").putImageData(pixels, 0, 0);
+  const context = canvas.getContext("2d");
+  context.imageSmoothingEnabled = false;
+  context.drawImage(small, 0, 0, canvas.width, canvas.height);
+}
+
+function setupCompare(manifest, opened) {
+  const usable = manifest.files.filter((entry) => opened[entry.path]);
+  $("model").replaceChildren(...usable.map((entry) => new Option(`${entry.path} (${entry.status})`, entry.path)));
+  $("model").value = (usable.find((e) => e.format === "onnx" && e.precision === "fp32") ?? usable[0])?.path ?? "";
+  const show = (state, text, result) => {
+    Object.assign($("verdict").dataset, { state, accept: result?.accept ?? "", distance: result?.distance ?? "" });
+    $("verdict").textContent = text;
+  };
+  const update = async () => {
+    const [a, b] = [$("image-a").files[0], $("image-b").files[0]];
+    if (!a || !b) return show("waiting", "Pick two images.");
+    show("running", "Embedding…");
+    try {
+      const pre = manifest.preprocessing;
+      const inputs = [await imageInput(a, pre, $("preview-a")), await imageInput(b, pre, $("preview-b"))];
+      const entry = manifest.files.find((e) => e.path === $("model").value);
+      const data = new Float32Array(inputs[0].length * 2);
+      data.set(inputs[0]);
+      data.set(inputs[1], inputs[0].length);
+      const embeddings = await embed(entry, { shape: [2, pre.channels, ...pre.resize], data }, opened[entry.path].run);
+      const dim = manifest.embedding.dim;
+      const result = verdict(distance(embeddings.subarray(0, dim), embeddings.subarray(dim), manifest.embedding), manifest.thresholds);
+      show("done", `${result.accept ? "Same" : "Different"}: ${manifest.embedding.distance} distance ${result.distance.toFixed(4)} ` +
+        `${result.accept ? "<" : "≥"} threshold ${result.threshold.toFixed(4)} (FAR 1e-3), with ${entry.path}.`, result);
+    } catch (err) {
+      show("error", oneLine(err));
+    }
+  };
+  for (const id of ["model", "image-a", "image-b"]) {
+    $(id).addEventListener("change", update);
+    $(id).disabled = usable.length === 0;
+  }
+}
+
+async function main() {
+  const report = { bundle: bundleUrl.href, ok: false, files: {}, skipped: [] };
+  try {
+    const { manifest, files, golden } = await loadBundle();
+    showSummary(manifest);
+    const opened = {};
+    await selfCheck(manifest, golden, await makeRunners(files, opened), report);
+    showReport(report);
+    setupCompare(manifest, opened);
+  } catch (err) {
+    report.ok = false;
+    report.error = oneLine(err);
+    $("summary").textContent = "";
+    $("status").className = "fail";
+    $("status").textContent = "not run";
+    showError(report.error);
+  }
+  writeSelfCheck(report);
+}
+
+main();

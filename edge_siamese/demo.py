@@ -1,0 +1,93 @@
+"""``edge-siamese demo``: serve one bundle and the web client (``clients/web``) on 127.0.0.1.
+
+The page runs the bundle's golden self-check in the browser (onnxruntime-web, LiteRT.js) and gives
+a verdict for two images the user picks. Everything is served from this machine: the page, the
+shared bundle reader (``clients/core``), the runtimes' WASM files from ``clients/web/node_modules``,
+and the bundle's own files. Nothing is fetched from a CDN.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from http import HTTPStatus
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from device_bench.manifest import read_bundle
+
+from .errors import UserError
+
+CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+WEB_PACKAGES = ("onnxruntime-web", "@litertjs/core")
+TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".mjs": "text/javascript",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".wasm": "application/wasm",
+}
+
+
+def check_clients(clients: Path) -> None:
+    """Stop with the fix unless ``clients`` has the page and its npm packages installed."""
+    if not (clients / "web" / "index.html").is_file():
+        raise UserError(f"{clients} has no web/index.html: pass --clients with the clients/ folder of an edge-siamese checkout")
+    modules = clients / "web" / "node_modules"
+    missing = [name for name in WEB_PACKAGES if not (modules / name / "package.json").is_file()]
+    if missing:
+        raise UserError(f"{modules} lacks {', '.join(missing)}: run npm ci --prefix {clients / 'web'}")
+
+
+class DemoHandler(SimpleHTTPRequestHandler):
+    """GET only, from a fixed table of URL prefixes to folders; never a listing, never outside them."""
+
+    routes: dict[str, Path] = {}
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = unquote(urlsplit(self.path).path)
+        if path == "/":
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", "/web/")
+            self.end_headers()
+            return
+        file = self._resolve(path)
+        if file is None:
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return
+        body = file.read_bytes()
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", TYPES.get(file.suffix, mimetypes.guess_type(file.name)[0] or "application/octet-stream"))
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")  # a re-exported bundle must not be read from the cache
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _resolve(self, path: str) -> Path | None:
+        for prefix, root in self.routes.items():
+            if path.startswith(prefix):
+                relative = path[len(prefix) :] or "index.html"
+                file = (root / relative).resolve()
+                if file.is_relative_to(root.resolve()) and file.is_file() and not file.name.startswith("."):
+                    return file
+        return None
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        pass  # the CLI prints the URL; a line per request would bury it
+
+
+def demo_server(bundle: Path, port: int = 8765, clients: Path = CLIENTS) -> ThreadingHTTPServer:
+    """A server (not yet serving) for ``bundle`` and the web client, bound to 127.0.0.1 only."""
+    manifest = read_bundle(bundle).manifest
+    if not any(entry["format"] == "onnx" for entry in manifest["files"]):
+        raise UserError(f"{bundle} has no ONNX file, which the page runs: export it with --format onnx")
+    check_clients(clients)
+    routes = {"/web/": clients / "web", "/core/": clients / "core", "/node_modules/": clients / "web" / "node_modules", "/bundle/": Path(bundle)}
+    handler = type("Handler", (DemoHandler,), {"routes": routes})
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as exc:
+        raise UserError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}): pass another --port, or --port 0 for a free one") from None
