@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test tflite
-# The Node client's dependencies (onnxruntime-node, from its lockfile), when Node is here.
-if command -v npm >/dev/null; then npm ci --prefix clients/node --no-audit --no-fund --silent; fi
+# The JS clients' dependencies from their lockfiles, when Node is here: onnxruntime-node for
+# clients/node, onnxruntime-web and LiteRT.js (their WASM files) for clients/web.
+if command -v npm >/dev/null; then
+    npm ci --prefix clients/node --no-audit --no-fund --silent
+    npm ci --prefix clients/web --no-audit --no-fund --silent
+fi
 .venv/bin/python -m pytest "$@"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,3 +41,43 @@ def shadow_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "shadow-d8"
     run_cli("train", "--dataset", "digits", "--loss", "shadow", "--dim", "8", "--quiet", "--out", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def client_bundle(tmp_path_factory) -> Path:
+    """A 2-epoch digits run exported to ONNX and TFLite, fp32 and int8: what the app clients load."""
+    root = tmp_path_factory.mktemp("client-bundle")
+    run_cli("train", "--dataset", "digits", "--epochs", "2", "--quiet", "--out", root / "run")
+    run_cli("export", root / "run", "--int8", "--format", "onnx,tflite", "--quiet", "--out", root / "bundle")
+    return root / "bundle"
+
+
+def copy_bundle(bundle: Path, dest: Path, edit=None) -> Path:
+    """A copy of ``bundle`` at ``dest``; ``edit(manifest)`` changes its manifest.json in place."""
+    shutil.copytree(bundle, dest)
+    if edit is not None:
+        manifest = json.loads((dest / "manifest.json").read_text())
+        edit(manifest)
+        (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+@contextmanager
+def demo_server(bundle: Path, *args: str):
+    """``edge-siamese demo BUNDLE --port 0`` in a subprocess: yields (process, the URL it printed);
+    stops it with Ctrl-C (SIGINT) and checks that it exits cleanly."""
+    proc = subprocess.Popen([str(CLI), "demo", str(bundle), "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+/web/", line)
+        assert match, f"no URL in {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        yield proc, match.group(0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            stderr = proc.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr

@@ -1,20 +1,26 @@
-"""The Node client (clients/node/verify.mjs) on a real bundle: it accepts it, rejects a tampered
-copy, and agrees with device_bench's golden check."""
+"""The Node client (clients/node/verify.mjs, on clients/core/bundle.mjs) on a real bundle: it
+accepts it, agrees with device_bench's golden check, handles int8 input/output, and rejects a
+tampered or inconsistent bundle with one clear line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from device_bench.manifest import read_bundle
 from device_bench.metrics import embedding_agreement
 from device_bench.runtimes import open_runtime
 
-from conftest import run_cli
+from conftest import copy_bundle
 
 NODE_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
 NODE = shutil.which("node")
@@ -23,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(NODE is None, reason="node is not installed (the Node client needs Node >= 18)"),
     pytest.mark.skipif(
         not (NODE_CLIENT / "node_modules" / "onnxruntime-node").is_dir(),
-        reason="clients/node/node_modules is absent: run npm ci --prefix clients/node --onnxruntime-node-install=skip",
+        reason="clients/node/node_modules is absent: run npm ci --prefix clients/node",
     ),
 ]
 
@@ -34,53 +40,142 @@ def verify(bundle: Path) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, json.loads(proc.stdout)
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """A 2-epoch digits run exported to fp32 and int8 ONNX."""
-    root = tmp_path_factory.mktemp("clients")
-    run_cli("train", "--dataset", "digits", "--epochs", "2", "--quiet", "--out", root / "run")
-    run_cli("export", root / "run", "--int8", "--format", "onnx", "--quiet", "--out", root / "bundle")
-    return root / "bundle"
+def assert_rejected(proc: subprocess.CompletedProcess, report: dict, *fragments: str) -> None:
+    """Exit 1, ok false, one line of error naming the fragments, and no stack trace."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert report["ok"] is False
+    assert "\n" not in report["error"]
+    for fragment in fragments:
+        assert fragment in report["error"], report["error"]
+    assert "    at " not in proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
-def report(bundle) -> dict:
-    proc, out = verify(bundle)
+def report(client_bundle) -> dict:
+    proc, out = verify(client_bundle)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
 
-def test_node_accepts_the_bundle(report, bundle):
+def test_node_accepts_the_bundle(report, client_bundle):
     assert report["ok"] is True
-    assert report["bundle"] == str(bundle)
+    assert report["bundle"] == str(client_bundle)
     assert "error" not in report
     assert set(report["files"]) == {"model_fp32.onnx", "model_int8.onnx"}
-    assert all(row["ok"] for row in report["files"].values())
+    assert all(row["ok"] and row["runtime"].startswith("onnxruntime-node ") for row in report["files"].values())
     assert report["files"]["model_fp32.onnx"]["min_cosine"] > 0.99999
-    assert report["skipped"] == []
+    assert {row["path"] for row in report["skipped"]} == {"model_fp32.tflite", "model_int8.tflite"}
+    assert all("LiteRT" in row["reason"] for row in report["skipped"])
 
 
-def test_node_matches_device_bench(report, bundle):
-    manifest = read_bundle(bundle)
-    golden = manifest.golden()
-    for entry in manifest.files:
-        python = embedding_agreement(open_runtime(bundle / entry["path"], "onnx").run(golden["inputs"]), golden["embeddings"])
+def test_node_preprocessing_matches_python(report):
+    assert report["preprocessing"]["ok"] is True
+    assert report["preprocessing"]["max_abs_diff"] < 1e-5
+
+
+def test_node_matches_device_bench(report, client_bundle):
+    bundle = read_bundle(client_bundle)
+    golden = bundle.golden()
+    for entry in bundle.files:
+        if entry["format"] != "onnx":
+            continue
+        python = embedding_agreement(open_runtime(client_bundle / entry["path"], "onnx").run(golden["inputs"]), golden["embeddings"])
         node = report["files"][entry["path"]]
         assert node["min_cosine"] == pytest.approx(python["min_cosine"], abs=1e-5)
         assert node["max_abs_diff"] == pytest.approx(python["max_abs_diff"], abs=1e-5)
+        assert node["required_min_cosine"] == pytest.approx(entry["fidelity"]["min_cosine"] - 1e-3)
 
 
-def test_node_rejects_a_tampered_file(bundle, tmp_path):
-    tampered = tmp_path / "bundle"
-    shutil.copytree(bundle, tampered)
+def test_node_rejects_a_tampered_file(client_bundle, tmp_path):
+    tampered = copy_bundle(client_bundle, tmp_path / "bundle")
     model = tampered / "model_int8.onnx"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
+    assert_rejected(*verify(tampered), "sha256", "model_int8.onnx")
 
-    proc, out = verify(tampered)
-    assert proc.returncode != 0
-    assert out["ok"] is False
-    assert "sha256" in out["error"] and "model_int8.onnx" in out["error"]
-    assert "\n" not in out["error"]
-    assert "Error:" not in proc.stderr and "    at " not in proc.stderr  # no stack trace
+
+def other_schema(manifest):
+    manifest["schema_version"] = 2
+
+
+def tflite_only(manifest):
+    manifest["files"] = [entry for entry in manifest["files"] if entry["format"] == "tflite"]
+
+
+def wrong_input_shape(manifest):
+    manifest["files"][0]["input"]["shape"] = ["batch", 1, 16, 16]
+
+
+BAD_MANIFESTS = [
+    (other_schema, ["schema version 2 is not 1"]),
+    (tflite_only, ["no ONNX file", "--format onnx"]),
+    (wrong_input_shape, ["model_fp32.onnx", "[batch,1,8,8]", "[batch,1,16,16]"]),
+]
+
+
+@pytest.mark.parametrize("edit, fragments", BAD_MANIFESTS, ids=lambda v: getattr(v, "__name__", ""))
+def test_node_rejects_an_inconsistent_bundle(client_bundle, tmp_path, edit, fragments):
+    assert_rejected(*verify(copy_bundle(client_bundle, tmp_path / "bundle", edit)), *fragments)
+
+
+def test_node_usage_mistake_exits_2(tmp_path):
+    proc = subprocess.run([NODE, str(NODE_CLIENT / "verify.mjs")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: ")
+    proc, report = verify(tmp_path)
+    assert_rejected(proc, report, "no manifest.json")
+
+
+# --- int8 input and output ----------------------------------------------------------------------------
+
+
+def quantize(x: np.ndarray, scale: float) -> np.ndarray:
+    return np.clip(np.rint(x / scale), -128, 127).astype(np.int8)
+
+
+def add_int8_io_model(bundle: Path) -> tuple[str, float]:
+    """Wrap model_fp32.onnx as a model with int8 input and output (DequantizeLinear in front,
+    QuantizeLinear behind), list it in the manifest, and return its name and the min cosine
+    numpy's own quantization gives it on the golden set."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = json.loads(json.dumps(next(e for e in manifest["files"] if e["path"] == "model_fp32.onnx")))
+    golden = np.load(bundle / "golden.npz")
+    in_scale, out_scale = float(np.abs(golden["inputs"]).max()) / 127, 1 / 127
+    model = onnx.load(bundle / "model_fp32.onnx")
+    graph = model.graph
+    in_name, out_name = graph.input[0].name, graph.output[0].name
+    for node in graph.node:
+        node.input[:] = [f"{name}_float" if name == in_name else name for name in node.input]
+        node.output[:] = [f"{name}_float" if name == out_name else name for name in node.output]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(in_scale, np.float32), "in_scale"),
+        numpy_helper.from_array(np.array(out_scale, np.float32), "out_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero_point"),
+    ])
+    graph.node.insert(0, helper.make_node("DequantizeLinear", [in_name, "in_scale", "zero_point"], [f"{in_name}_float"]))
+    graph.node.append(helper.make_node("QuantizeLinear", [f"{out_name}_float", "out_scale", "zero_point"], [out_name]))
+    graph.input[0].type.tensor_type.elem_type = TensorProto.INT8
+    graph.output[0].type.tensor_type.elem_type = TensorProto.INT8
+    path = bundle / "model_int8io.onnx"
+    onnx.save(model, path)
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    codes = session.run(None, {in_name: quantize(golden["inputs"], in_scale)})[0]
+    min_cosine = embedding_agreement(codes.astype(np.float32) * np.float32(out_scale), golden["embeddings"])["min_cosine"]
+    entry.update(path=path.name, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), size_bytes=path.stat().st_size, precision="int8")
+    entry["input"].update(dtype="int8", scale=in_scale, zero_point=0)
+    entry["output"].update(dtype="int8", scale=out_scale, zero_point=0)
+    entry["fidelity"]["min_cosine"] = min_cosine
+    manifest["files"] = [entry]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return path.name, min_cosine
+
+
+def test_node_quantizes_int8_input_and_output_as_numpy(client_bundle, tmp_path):
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle")
+    name, python_min_cosine = add_int8_io_model(bundle)
+    proc, report = verify(bundle)
+    assert proc.returncode == 0, proc.stdout
+    assert python_min_cosine < 0.99999  # the quantization is visible, so agreeing with it means something
+    assert report["files"][name]["min_cosine"] == pytest.approx(python_min_cosine, abs=1e-9)

@@ -184,12 +184,12 @@ function dequantize(y, io) {
   return Float32Array.from(y, (v) => (v - io.zero_point) * io.scale);
 }
 
-/** Throws unless `shape` (from `source`: the model file, or golden.npz) is the input shape manifest.json lists for `entry`. */
-export function checkInputShape(entry, shape, source) {
+/** Throws unless `shape` is the input shape manifest.json lists for `entry`; `what` names whose shape it is. */
+export function checkInputShape(entry, shape, what) {
   const expected = entry.input.shape;
   const differs = (d, i) => i > 0 && typeof d === "number" && typeof expected[i] === "number" && d !== expected[i];
   if (shape.length !== expected.length || shape.some(differs)) {
-    throw new BundleError(`${source} has input shape [${shape}] but manifest.json says [${expected}] for ${entry.path}: export the bundle again`);
+    throw new BundleError(`${entry.path}: ${what} shape [${shape}] but manifest.json says [${expected}]: export the bundle again`);
   }
 }
 
@@ -203,7 +203,7 @@ export async function embed(entry, inputs, run) {
     throw new BundleError(`${entry.path} has ${entry.input.dtype} input and ${entry.output.dtype} output; float32, int8 and uint8 are supported`);
   }
   const [n, ...sample] = inputs.shape;
-  checkInputShape(entry, inputs.shape, "the input");
+  checkInputShape(entry, inputs.shape, "the images have");
   const per = sample.reduce((a, b) => a * b, 1);
   const dim = entry.output.shape.at(-1);
   const batch = entry.input.shape[0] === 1 ? 1 : n;

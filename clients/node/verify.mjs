@@ -33,7 +33,7 @@ function readFile(bundle, entry) {
 function onnxRunner(ort, files) {
   return async (entry) => {
     const session = await ort.InferenceSession.create(files[entry.path], { executionProviders: ["cpu"] });
-    checkInputShape(entry, session.inputMetadata[0].shape, entry.path);
+    checkInputShape(entry, session.inputMetadata[0].shape, "the model file's input has");
     const run = async (data, shape) => {
       const result = await session.run({ [entry.input.name]: new ort.Tensor(entry.input.dtype, data, shape) });
       if (!result[entry.output.name]) throw new BundleError(`${entry.path} has no output named ${entry.output.name}`);

@@ -51,7 +51,7 @@ async function makeRunners(files, opened) {
   const runners = {
     onnx: async (entry) => {
       const session = await ort.InferenceSession.create(files[entry.path], { executionProviders: ["wasm"] });
-      checkInputShape(entry, session.inputMetadata[0].shape, entry.path);
+      checkInputShape(entry, session.inputMetadata[0].shape, "the model file's input has");
       const run = async (data, shape) => {
         const result = await session.run({ [entry.input.name]: new ort.Tensor(entry.input.dtype, data, shape) });
         if (!result[entry.output.name]) throw new BundleError(`${entry.path} has no output named ${entry.output.name}`);
@@ -65,7 +65,7 @@ async function makeRunners(files, opened) {
     await litert.loadLiteRt("/node_modules/@litertjs/core/wasm/");
     runners.tflite = async (entry) => {
       const model = await litert.loadAndCompile(files[entry.path], { accelerator: "wasm" });
-      checkInputShape(entry, Array.from(model.getInputDetails()[0].shape), entry.path);
+      checkInputShape(entry, Array.from(model.getInputDetails()[0].shape), "the model file's input has");
       const run = async (data, shape) => {
         const input = new litert.Tensor(data, shape);
         const [output] = await model.run([input]);
@@ -118,7 +118,7 @@ function showReport(report) {
 
 function writeSelfCheck(report) {
   if (params.get("selfcheck") !== "1") return;
-  $("self-check").textContent = JSON.stringify(report);
+  $("self-check").textContent = JSON.stringify(report, null, 1);
   $("self-check").hidden = false;
   $("self-check").dataset.state = "done";
 }
