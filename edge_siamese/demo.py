@@ -14,7 +14,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from device_bench.manifest import read_bundle
+from device_bench.manifest import Bundle, read_bundle
+from device_bench.runtimes import open_runtime
 
 from .errors import UserError
 
@@ -79,11 +80,20 @@ class DemoHandler(SimpleHTTPRequestHandler):
         pass  # the CLI prints the URL; a line per request would bury it
 
 
+def check_onnx_files(bundle: Bundle) -> None:
+    """The page runs the ONNX files: stop unless there is one, and each takes the input shape the manifest says."""
+    entries = [entry for entry in bundle.files if entry["format"] == "onnx"]
+    if not entries:
+        raise UserError(f"{bundle.path} has no ONNX file, which the page runs: export it with --format onnx")
+    for entry in entries:
+        shape, expected = open_runtime(bundle.path / entry["path"], "onnx").io_details()["input"]["shape"], entry["input"]["shape"]
+        if len(shape) != len(expected) or any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape[1:], expected[1:])):
+            raise UserError(f"{entry['path']} takes input of shape {shape} but manifest.json says {expected}: export the bundle again")
+
+
 def demo_server(bundle: Path, port: int = 8765, clients: Path = CLIENTS) -> ThreadingHTTPServer:
     """A server (not yet serving) for ``bundle`` and the web client, bound to 127.0.0.1 only."""
-    manifest = read_bundle(bundle).manifest
-    if not any(entry["format"] == "onnx" for entry in manifest["files"]):
-        raise UserError(f"{bundle} has no ONNX file, which the page runs: export it with --format onnx")
+    check_onnx_files(read_bundle(bundle))
     check_clients(clients)
     routes = {"/web/": clients / "web", "/core/": clients / "core", "/node_modules/": clients / "web" / "node_modules", "/bundle/": Path(bundle)}
     handler = type("Handler", (DemoHandler,), {"routes": routes})

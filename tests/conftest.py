@@ -62,6 +62,26 @@ def copy_bundle(bundle: Path, dest: Path, edit=None) -> Path:
     return dest
 
 
+def other_schema(manifest):
+    manifest["schema_version"] = 2
+
+
+def tflite_only(manifest):
+    manifest["files"] = [entry for entry in manifest["files"] if entry["format"] == "tflite"]
+
+
+def wrong_input_shape(manifest):
+    manifest["files"][0]["input"]["shape"] = ["batch", 1, 16, 16]
+
+
+# Edits that make a bundle inconsistent, and what the clients' error says (the first fragment: every client).
+BAD_MANIFESTS = [
+    (other_schema, ["schema version 2 is not 1"]),
+    (tflite_only, ["no ONNX file", "--format onnx"]),
+    (wrong_input_shape, ["model_fp32.onnx", "[batch,1,8,8]", "[batch,1,16,16]"]),
+]
+
+
 @contextmanager
 def demo_server(bundle: Path, *args: str):
     """``edge-siamese demo BUNDLE --port 0`` in a subprocess: yields (process, the URL it printed);

@@ -20,7 +20,7 @@ from device_bench.manifest import read_bundle
 from device_bench.metrics import embedding_agreement
 from device_bench.runtimes import open_runtime
 
-from conftest import copy_bundle
+from conftest import BAD_MANIFESTS, copy_bundle
 
 NODE_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
 NODE = shutil.which("node")
@@ -93,25 +93,6 @@ def test_node_rejects_a_tampered_file(client_bundle, tmp_path):
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
     assert_rejected(*verify(tampered), "sha256", "model_int8.onnx")
-
-
-def other_schema(manifest):
-    manifest["schema_version"] = 2
-
-
-def tflite_only(manifest):
-    manifest["files"] = [entry for entry in manifest["files"] if entry["format"] == "tflite"]
-
-
-def wrong_input_shape(manifest):
-    manifest["files"][0]["input"]["shape"] = ["batch", 1, 16, 16]
-
-
-BAD_MANIFESTS = [
-    (other_schema, ["schema version 2 is not 1"]),
-    (tflite_only, ["no ONNX file", "--format onnx"]),
-    (wrong_input_shape, ["model_fp32.onnx", "[batch,1,8,8]", "[batch,1,16,16]"]),
-]
 
 
 @pytest.mark.parametrize("edit, fragments", BAD_MANIFESTS, ids=lambda v: getattr(v, "__name__", ""))

@@ -1,0 +1,95 @@
+"""``edge-siamese demo``: the page, the shared reader, the runtimes' WASM and the bundle, from
+127.0.0.1 only and nothing outside its folders; a bad bundle or a missing client is one line."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from edge_siamese.demo import CLIENTS, demo_server as make_server
+
+from conftest import BAD_MANIFESTS, assert_one_line_error, copy_bundle, demo_server, run_cli
+
+pytestmark = pytest.mark.skipif(
+    not (CLIENTS / "web" / "node_modules" / "onnxruntime-web").is_dir(),
+    reason="clients/web/node_modules is absent: run npm ci --prefix clients/web",
+)
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.headers["Content-Type"], response.read()
+
+
+def raw_status(url: str, path: str) -> int:
+    """The status of a GET for ``path`` sent as it is (urllib would normalise '..')."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request("GET", path)
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+@pytest.fixture(scope="module")
+def served(client_bundle):
+    with demo_server(client_bundle) as (proc, url):
+        yield url
+
+
+def test_demo_serves_the_page_the_reader_the_runtimes_and_the_bundle(served, client_bundle):
+    base = served.removesuffix("/web/")
+    status, kind, body = get(served)
+    assert (status, kind) == (200, "text/html; charset=utf-8") and b'id="self-check"' in body
+    assert get(base + "/")[2] == body  # / redirects to the page
+    assert get(base + "/web/app.mjs")[1] == "text/javascript"
+    assert get(base + "/core/bundle.mjs")[2] == (CLIENTS / "core" / "bundle.mjs").read_bytes()
+    status, kind, wasm = get(base + "/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm")
+    assert kind == "application/wasm" and wasm[:4] == b"\0asm"
+    assert get(base + "/node_modules/@litertjs/core/wasm/litert_wasm_internal.wasm")[2][:4] == b"\0asm"
+    for name in ("manifest.json", "golden.npz", "model_int8.onnx", "model_int8.tflite"):
+        assert get(f"{base}/bundle/{name}")[2] == (client_bundle / name).read_bytes()
+
+
+@pytest.mark.parametrize("path", ["/bundle/../run/config.json", "/bundle/%2e%2e/run/config.json", "/web/../../pyproject.toml", "/etc/passwd", "/bundle/", "/web/.gitignore"])
+def test_demo_serves_nothing_outside_its_folders(served, path):
+    assert raw_status(served, path) == 404
+
+
+def test_demo_listens_on_loopback_only(client_bundle):
+    server = make_server(client_bundle, port=0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+
+
+@pytest.mark.parametrize("edit, fragments", BAD_MANIFESTS, ids=lambda v: getattr(v, "__name__", ""))
+def test_demo_refuses_an_inconsistent_bundle(client_bundle, tmp_path, edit, fragments):
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle", edit)
+    assert_one_line_error(run_cli("demo", bundle, "--port", "0", check=False, timeout=60), *fragments[:1])
+
+
+def test_demo_refuses_a_folder_that_is_not_a_bundle(tmp_path):
+    assert_one_line_error(run_cli("demo", tmp_path, check=False, timeout=60), "not a bundle")
+
+
+def test_demo_says_how_to_install_the_page(client_bundle, tmp_path):
+    assert_one_line_error(run_cli("demo", client_bundle, "--clients", tmp_path, check=False, timeout=60), "no web/index.html")
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "index.html").write_text("<!doctype html>")
+    assert_one_line_error(run_cli("demo", client_bundle, "--clients", tmp_path, check=False, timeout=60), "npm ci --prefix")
+
+
+def test_demo_refuses_a_busy_port(client_bundle):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("demo", client_bundle, "--port", port, check=False, timeout=60)
+    assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}", "--port 0")
