@@ -1,0 +1,160 @@
+"""The web client (clients/web) in Debian's headless Chromium, served by ``edge-siamese demo``:
+the golden self-check with onnxruntime-web and LiteRT.js agrees with device_bench, the verdicts on
+two picked images equal the Python Embedder's, and bad input gets a clear message in the page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from device_bench.embedder import Embedder
+from device_bench.manifest import read_bundle
+from device_bench.metrics import embedding_agreement, pairwise_distances
+from device_bench.runtimes import open_runtime
+from edge_siamese.demo import CLIENTS
+
+from conftest import BAD_MANIFESTS, copy_bundle, demo_server
+
+CHROMIUM = shutil.which("chromium")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: apt-get install chromium"),
+    pytest.mark.skipif(
+        not (CLIENTS / "web" / "node_modules" / "onnxruntime-web").is_dir(),
+        reason="clients/web/node_modules is absent: run npm ci --prefix clients/web",
+    ),
+]
+
+# Headless, as root, on a machine with no network: no sandbox, no GPU, no background connections.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 120_000  # WASM compilation on a busy 2-core CI machine
+SCREENSHOTS = os.environ.get("EDGE_SIAMESE_SCREENSHOTS")  # e.g. docs/img: where test_page_verdicts_equal_python saves the page
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def served(client_bundle):
+    with demo_server(client_bundle) as (_, url):
+        yield url
+
+
+def self_check(page, url: str) -> dict:
+    page.goto(url + "?selfcheck=1")
+    page.wait_for_selector("#self-check[data-state=done]")
+    return json.loads(page.text_content("#self-check"))
+
+
+def test_page_self_check_passes_with_both_runtimes(page, served, client_bundle):
+    report = self_check(page, served)
+    assert report["ok"] is True, report.get("error")
+    assert report["skipped"] == []
+    bundle = read_bundle(client_bundle)
+    golden = bundle.golden()
+    assert set(report["files"]) == {entry["path"] for entry in bundle.files}
+    for entry in bundle.files:
+        row = report["files"][entry["path"]]
+        assert row["ok"] is True
+        assert row["runtime"].startswith("onnxruntime-web " if entry["format"] == "onnx" else "LiteRT.js")
+        python = embedding_agreement(open_runtime(client_bundle / entry["path"], entry["format"]).run(golden["inputs"]), golden["embeddings"])
+        assert row["min_cosine"] == pytest.approx(python["min_cosine"], abs=1e-5), entry["path"]
+        assert row["max_abs_diff"] == pytest.approx(python["max_abs_diff"], abs=1e-4), entry["path"]
+    assert report["files"]["model_fp32.onnx"]["min_cosine"] > 0.99999
+    assert report["preprocessing"] == {"max_abs_diff": pytest.approx(0, abs=1e-5), "ok": True}
+
+
+def test_page_shows_the_self_check_without_the_flag(page, served):
+    page.goto(served)
+    page.wait_for_selector("#status.ok")
+    assert page.text_content("#status").startswith("passed: 4 file(s) agree with PyTorch")
+    assert page.locator("#files tbody tr").count() == 4
+    assert page.locator("#files td.ok").count() == 4
+    assert page.text_content("#self-check") == ""
+    assert page.is_hidden("#error")
+
+
+def pick_pairs(bundle: Path, file: str) -> dict[str, tuple[int, int, float, bool]]:
+    """From eval.npz: a same-class pair the Python Embedder accepts and a different-class pair it
+    rejects, each at least 0.02 from the threshold so that float differences cannot flip them."""
+    embedder = Embedder(bundle, file=file)
+    data = np.load(bundle / "eval.npz", allow_pickle=False)
+    embeddings, labels = embedder.embed(data["images"]), data["labels"]
+    threshold = embedder.bundle.manifest["thresholds"]["far_1e-3"]
+    d = pairwise_distances(embeddings, embeddings, embedder.distance_name, embedder.weights)
+    i, j = np.triu_indices(len(labels), 1)
+    same, d = labels[i] == labels[j], d[i, j]
+    pairs = {}
+    for kind, wanted in (("same", same & (d < threshold - 0.02)), ("different", ~same & (d > threshold + 0.02))):
+        k = int(np.flatnonzero(wanted)[0])
+        pairs[kind] = (int(i[k]), int(j[k]), float(d[k]), kind == "same")
+    return pairs
+
+
+@pytest.mark.parametrize("file", ["model_fp32.onnx", "model_int8.tflite"])
+def test_page_verdicts_equal_python(page, served, client_bundle, tmp_path, file):
+    images = np.load(client_bundle / "eval.npz", allow_pickle=False)["images"]
+    pairs = pick_pairs(client_bundle, file)
+    for kind, (i, j, distance, accept) in pairs.items():
+        paths = []
+        for k in (i, j):
+            paths.append(tmp_path / f"{kind}-{k}.png")
+            Image.fromarray(images[k][..., 0]).save(paths[-1])
+        page.goto(served)
+        page.wait_for_selector("#status.ok")
+        page.select_option("#model", file)
+        page.set_input_files("#image-a", paths[0])
+        page.set_input_files("#image-b", paths[1])
+        verdict = page.wait_for_selector("#verdict[data-state=done]")
+        assert verdict.get_attribute("data-accept") == str(accept).lower(), (kind, page.text_content("#verdict"))
+        assert float(verdict.get_attribute("data-distance")) == pytest.approx(distance, abs=1e-4)
+        assert page.text_content("#verdict").startswith("Same" if accept else "Different")
+    if SCREENSHOTS and file == "model_fp32.onnx":
+        page.screenshot(path=Path(SCREENSHOTS) / "web-demo.png", full_page=True)
+
+
+def test_page_says_when_an_image_cannot_be_decoded(page, served, tmp_path):
+    bad = tmp_path / "photo.png"
+    bad.write_text("not an image")
+    page.goto(served)
+    page.wait_for_selector("#status.ok")
+    page.set_input_files("#image-a", bad)
+    page.set_input_files("#image-b", bad)
+    page.wait_for_selector("#verdict[data-state=error]")
+    assert page.text_content("#verdict") == "photo.png could not be decoded as an image: pick a PNG, JPEG, WebP, GIF or BMP file"
+    assert page.get_attribute("#verdict", "data-accept") == ""
+
+
+@pytest.mark.parametrize("edit, fragments", BAD_MANIFESTS, ids=lambda v: getattr(v, "__name__", ""))
+def test_page_explains_an_inconsistent_bundle(page, client_bundle, tmp_path, edit, fragments):
+    """The bundle changes under a running demo (the server reads it per request): the page says what is wrong."""
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle")
+    with demo_server(bundle) as (_, url):
+        copy_bundle(bundle, tmp_path / "edited", edit)
+        shutil.copy(tmp_path / "edited" / "manifest.json", bundle / "manifest.json")
+        report = self_check(page, url)
+        assert report["ok"] is False
+        for fragment in fragments:
+            assert fragment in report["error"], report["error"]
+        shown = page.text_content("#status") if page.is_hidden("#error") else page.text_content("#error")
+        assert fragments[0] in shown
