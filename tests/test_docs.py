@@ -1,4 +1,5 @@
-"""docs/app-integration.md stays true: its manifest field names exist and its Python code runs on a real bundle."""
+"""docs/app-integration.md and the JS clients stay true: every manifest field they name exists,
+and the doc's Python code runs on a real bundle."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import pytest
 from conftest import run_cli
 from device_bench.manifest import SCHEMA, field_names
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "app-integration.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "app-integration.md"
+CLIENT_CODE = [ROOT / "clients" / "core" / "bundle.mjs", ROOT / "clients" / "node" / "verify.mjs", ROOT / "clients" / "web" / "app.mjs"]
+# How the JS clients name what they read: the manifest, one of its files[] (io: its input or output), and its sections.
+JS_MEMBERS = {"at", "every", "filter", "find", "forEach", "length", "map", "some", "json"}  # array methods; "manifest.json" in messages
+JS_NAMES = {"manifest": "", "entry": "files[].", "io": "files[].input.", "pre": "preprocessing.", "embedding": "embedding.", "thresholds": "thresholds.", "training": "training."}
 FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 BUNDLE_PLACEHOLDER = '"path/to/bundle"'
 # Fields the doc must name: what an app reads to check, choose, feed, compare, decide and self-check.
@@ -59,6 +65,31 @@ def doc_field_tokens() -> set[str]:
 def test_every_manifest_field_the_doc_names_is_in_the_schema():
     tokens = doc_field_tokens()
     assert len(tokens) > 30
+    assert sorted(tokens - field_names()) == []
+
+
+def client_field_tokens() -> set[str]:
+    """Manifest paths the JS clients read: ``name.a.b`` and ``name["a"]`` for the names of
+    JS_NAMES, ``const { a, b } = name``, and the dotted keys checkManifest requires."""
+    tokens = set()
+    for code in (path.read_text() for path in CLIENT_CODE):
+        for name, prefix in JS_NAMES.items():
+            for path in re.findall(rf"\b{name}\??\.([a-z_]\w*(?:\??\.[a-z_]\w*)*)", code):
+                parts = path.replace("?", "").split(".")
+                cut = next((i for i, part in enumerate(parts) if part in JS_MEMBERS), len(parts))
+                tokens.add(prefix + ".".join(parts[:cut]))
+            tokens |= {prefix + key for key in re.findall(rf"\b{name}\[\"([\w.-]+)\"\]", code)}
+            for names in re.findall(rf"const \{{([^}}]*)\}} = {name}\b", code):
+                tokens |= {prefix + n.split(":")[0].strip() for n in names.split(",")}
+        required = re.search(r"const missing = \[(.*?)\]", code, re.S)
+        if required:
+            tokens |= set(re.findall(r'"([\w.]+)"', required.group(1)))
+    return {t.removesuffix(".") for t in tokens if t.removesuffix(".")}
+
+
+def test_every_manifest_field_the_clients_read_is_in_the_schema():
+    tokens = client_field_tokens()
+    assert {"files[].input.zero_point", "files[].fidelity.min_cosine", "preprocessing.mean", "thresholds.far_1e-3", "golden.path"} <= tokens
     assert sorted(tokens - field_names()) == []
 
 

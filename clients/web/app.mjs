@@ -162,7 +162,7 @@ function drawInput(input, pre, canvas) {
 function setupCompare(manifest, opened) {
   const usable = manifest.files.filter((entry) => opened[entry.path]);
   $("model").replaceChildren(...usable.map((entry) => new Option(`${entry.path} (${entry.status})`, entry.path)));
-  $("model").value = (usable.find((e) => e.format === "onnx" && e.precision === "fp32") ?? usable[0])?.path ?? "";
+  $("model").value = (usable.find((entry) => entry.format === "onnx" && entry.precision === "fp32") ?? usable[0])?.path ?? "";
   const show = (state, text, result) => {
     Object.assign($("verdict").dataset, { state, accept: result?.accept ?? "", distance: result?.distance ?? "" });
     $("verdict").textContent = text;
@@ -174,7 +174,7 @@ function setupCompare(manifest, opened) {
     try {
       const pre = manifest.preprocessing;
       const inputs = [await imageInput(a, pre, $("preview-a")), await imageInput(b, pre, $("preview-b"))];
-      const entry = manifest.files.find((e) => e.path === $("model").value);
+      const entry = manifest.files.find((entry) => entry.path === $("model").value);
       const data = new Float32Array(inputs[0].length * 2);
       data.set(inputs[0]);
       data.set(inputs[1], inputs[0].length);
