@@ -234,6 +234,23 @@ export function agreement(output, reference) {
 }
 
 /**
+ * A selfCheck runner for ONNX files: `ort` is onnxruntime-node or onnxruntime-web (one API),
+ * `files` the bundle's bytes by path, `provider` the execution provider ("cpu", "wasm").
+ */
+export function onnxRunner(ort, files, provider, runtime) {
+  return async (entry) => {
+    const session = await ort.InferenceSession.create(files[entry.path], { executionProviders: [provider] });
+    checkInputShape(entry, session.inputMetadata[0].shape, "the model file's input has");
+    const run = async (data, shape) => {
+      const result = await session.run({ [entry.input.name]: new ort.Tensor(entry.input.dtype, data, shape) });
+      if (!result[entry.output.name]) throw new BundleError(`${entry.path} has no output named ${entry.output.name}`);
+      return result[entry.output.name].data;
+    };
+    return { run, runtime };
+  };
+}
+
+/**
  * The golden self-check. First this client's preprocessing of golden.npz's raw `images` against
  * Python's `inputs`; then every model file: `runners[format]` is `async (entry) => ({ run, runtime })`,
  * or a string saying why this client cannot run the format (the file is skipped). Fills

@@ -10,7 +10,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 
-import { BundleError, checkInputShape, checkManifest, checkSha256, listedFiles, oneLine, readNpz, requireOnnx, selfCheck } from "../core/bundle.mjs";
+import { BundleError, checkManifest, checkSha256, listedFiles, oneLine, onnxRunner, readNpz, requireOnnx, selfCheck } from "../core/bundle.mjs";
 
 function readManifest(bundle) {
   const path = join(bundle, "manifest.json");
@@ -29,20 +29,6 @@ function readFile(bundle, entry) {
   return new Uint8Array(readFileSync(path));
 }
 
-/** The ONNX runner: a session per file, its input shape checked against the manifest. */
-function onnxRunner(ort, files) {
-  return async (entry) => {
-    const session = await ort.InferenceSession.create(files[entry.path], { executionProviders: ["cpu"] });
-    checkInputShape(entry, session.inputMetadata[0].shape, "the model file's input has");
-    const run = async (data, shape) => {
-      const result = await session.run({ [entry.input.name]: new ort.Tensor(entry.input.dtype, data, shape) });
-      if (!result[entry.output.name]) throw new BundleError(`${entry.path} has no output named ${entry.output.name}`);
-      return result[entry.output.name].data;
-    };
-    return { run, runtime: `onnxruntime-node ${ort.env.versions.node}` };
-  };
-}
-
 async function verify(bundle, report) {
   const manifest = readManifest(bundle);
   requireOnnx(manifest);
@@ -58,7 +44,8 @@ async function verify(bundle, report) {
   } catch {
     throw new BundleError("onnxruntime-node is not installed: run npm ci --prefix clients/node");
   }
-  await selfCheck(manifest, golden, { onnx: onnxRunner(ort, files), tflite: "Node has no LiteRT runtime: the web page (edge-siamese demo) or device_bench checks TFLite files" }, report);
+  const onnx = onnxRunner(ort, files, "cpu", `onnxruntime-node ${ort.env.versions.node}`);
+  await selfCheck(manifest, golden, { onnx, tflite: "Node has no LiteRT runtime: the web page (edge-siamese demo) or device_bench checks TFLite files" }, report);
 }
 
 async function main() {

@@ -6,7 +6,7 @@
 
 import {
   BundleError, checkInputShape, checkManifest, checkSha256, distance, embed, listedFiles, oneLine,
-  preprocessRgba, readNpz, requireOnnx, selfCheck, verdict,
+  onnxRunner, preprocessRgba, readNpz, requireOnnx, selfCheck, verdict,
 } from "../core/bundle.mjs";
 
 const params = new URLSearchParams(location.search);
@@ -48,18 +48,8 @@ async function makeRunners(files, opened) {
   }
   ort.env.wasm.wasmPaths = "/node_modules/onnxruntime-web/dist/";
   ort.env.wasm.numThreads = 1; // threads need a cross-origin-isolated page; one is plenty for these models
-  const runners = {
-    onnx: async (entry) => {
-      const session = await ort.InferenceSession.create(files[entry.path], { executionProviders: ["wasm"] });
-      checkInputShape(entry, session.inputMetadata[0].shape, "the model file's input has");
-      const run = async (data, shape) => {
-        const result = await session.run({ [entry.input.name]: new ort.Tensor(entry.input.dtype, data, shape) });
-        if (!result[entry.output.name]) throw new BundleError(`${entry.path} has no output named ${entry.output.name}`);
-        return result[entry.output.name].data;
-      };
-      return keep(entry, { run, runtime: `onnxruntime-web ${ort.env.versions.web}` });
-    },
-  };
+  const onnx = onnxRunner(ort, files, "wasm", `onnxruntime-web ${ort.env.versions.web}`);
+  const runners = { onnx: async (entry) => keep(entry, await onnx(entry)) };
   try {
     const litert = await import("@litertjs/core");
     await litert.loadLiteRt("/node_modules/@litertjs/core/wasm/");
@@ -159,8 +149,9 @@ function drawInput(input, pre, canvas) {
   context.drawImage(small, 0, 0, canvas.width, canvas.height);
 }
 
-function setupCompare(manifest, opened) {
-  const usable = manifest.files.filter((entry) => opened[entry.path]);
+/** The compare section, with the files that passed the self-check. */
+function setupCompare(manifest, opened, report) {
+  const usable = manifest.files.filter((entry) => opened[entry.path] && report.files[entry.path].ok);
   $("model").replaceChildren(...usable.map((entry) => new Option(`${entry.path} (${entry.status})`, entry.path)));
   $("model").value = (usable.find((entry) => entry.format === "onnx" && entry.precision === "fp32") ?? usable[0])?.path ?? "";
   const show = (state, text, result) => {
@@ -201,7 +192,7 @@ async function main() {
     const opened = {};
     await selfCheck(manifest, golden, await makeRunners(files, opened), report);
     showReport(report);
-    setupCompare(manifest, opened);
+    setupCompare(manifest, opened, report);
   } catch (err) {
     report.ok = false;
     report.error = oneLine(err);
