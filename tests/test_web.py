@@ -133,6 +133,25 @@ def test_page_verdicts_equal_python(page, served, client_bundle, tmp_path, file)
         page.screenshot(path=Path(SCREENSHOTS) / "web-demo.png", full_page=True)
 
 
+def test_page_converts_colour_and_resizes_as_python(page, served, client_bundle, tmp_path):
+    """A colour image goes through the manifest's luma weights, and a 2x image is resized to the
+    model's size: the page's distance equals Python's on the colour image and the original."""
+    images = np.load(client_bundle / "eval.npz", allow_pickle=False)["images"][:2, ..., 0]
+    colour = np.stack([images[0], images[0] // 2, 16 - images[0]], axis=-1).astype(np.uint8)
+    twice = images[1].repeat(2, axis=0).repeat(2, axis=1)  # each pixel a 2x2 block: bilinear halving gives it back
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    Image.fromarray(twice).save(tmp_path / "twice.png")
+    embedder = Embedder(client_bundle, file="model_fp32.onnx")
+    expected = embedder.distance(embedder.embed(colour[None]), embedder.embed(images[1][None, ..., None]))[0]
+    page.goto(served)
+    page.wait_for_selector("#status.ok")
+    page.select_option("#model", "model_fp32.onnx")
+    page.set_input_files("#image-a", tmp_path / "colour.png")
+    page.set_input_files("#image-b", tmp_path / "twice.png")
+    verdict = page.wait_for_selector("#verdict[data-state=done]")
+    assert float(verdict.get_attribute("data-distance")) == pytest.approx(expected, abs=1e-4)
+
+
 def test_page_says_when_an_image_cannot_be_decoded(page, served, tmp_path):
     bad = tmp_path / "photo.png"
     bad.write_text("not an image")
