@@ -248,7 +248,7 @@ def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds,
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--port", type=int, default=8765, show_default=True, help="0 picks a free port.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0 picks a free port.")
 @click.option("--clients", type=click.Path(path_type=Path), default=None, help="The clients/ folder  [default: this checkout's]")
 def demo(bundle, port, clients) -> None:
     """Serve BUNDLE and the web page on 127.0.0.1: the golden self-check and a two-image verdict in a browser."""
@@ -256,8 +256,8 @@ def demo(bundle, port, clients) -> None:
 
     server = demo_server(bundle, port, clients or CLIENTS)
     host, port = server.server_address[:2]
-    click.echo(f"serving {bundle} at http://{host}:{port}/web/  (Ctrl-C stops)")
     try:
+        click.echo(f"serving {bundle} at http://{host}:{port}/web/  (Ctrl-C stops)")
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mimetypes
 from http import HTTPStatus
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -42,16 +42,23 @@ def check_clients(clients: Path) -> None:
         raise UserError(f"{modules} lacks {', '.join(missing)}: run npm ci --prefix {clients / 'web'}")
 
 
-class DemoHandler(SimpleHTTPRequestHandler):
-    """GET only, from a fixed table of URL prefixes to folders; never a listing, never outside them."""
+class DemoHandler(BaseHTTPRequestHandler):
+    """GET only, from a fixed table of URL prefixes to folders: never a listing, a hidden file or
+    anything outside them, and only for requests addressed to this server by its loopback name
+    (a page elsewhere cannot reach it through a DNS name rebound to 127.0.0.1)."""
 
     routes: dict[str, Path] = {}
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        port = self.server.server_address[1]
+        if self.headers.get("Host") not in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            self.send_error(HTTPStatus.FORBIDDEN, "use the URL edge-siamese demo printed")
+            return
         path = unquote(urlsplit(self.path).path)
         if path == "/":
             self.send_response(HTTPStatus.FOUND)
             self.send_header("Location", "/web/")
+            self.send_header("Content-Length", "0")
             self.end_headers()
             return
         file = self._resolve(path)
@@ -69,11 +76,15 @@ class DemoHandler(SimpleHTTPRequestHandler):
 
     def _resolve(self, path: str) -> Path | None:
         for prefix, root in self.routes.items():
-            if path.startswith(prefix):
-                relative = path[len(prefix) :] or "index.html"
-                file = (root / relative).resolve()
-                if file.is_relative_to(root.resolve()) and file.is_file() and not file.name.startswith("."):
+            if not path.startswith(prefix):
+                continue
+            try:
+                file = (root / (path[len(prefix) :] or "index.html")).resolve()
+                parts = file.relative_to(root.resolve()).parts
+                if file.is_file() and not any(part.startswith(".") for part in parts):
                     return file
+            except (ValueError, OSError):  # outside the root, a NUL byte, a name too long
+                pass
         return None
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
@@ -93,8 +104,8 @@ def check_onnx_files(bundle: Bundle) -> None:
 
 def demo_server(bundle: Path, port: int = 8765, clients: Path = CLIENTS) -> ThreadingHTTPServer:
     """A server (not yet serving) for ``bundle`` and the web client, bound to 127.0.0.1 only."""
-    check_onnx_files(read_bundle(bundle))
     check_clients(clients)
+    check_onnx_files(read_bundle(bundle))
     routes = {"/web/": clients / "web", "/core/": clients / "core", "/node_modules/": clients / "web" / "node_modules", "/bundle/": Path(bundle)}
     handler = type("Handler", (DemoHandler,), {"routes": routes})
     try:

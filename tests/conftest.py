@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -88,7 +89,8 @@ def demo_server(bundle: Path, *args: str):
     stops it with Ctrl-C (SIGINT) and checks that it exits cleanly."""
     proc = subprocess.Popen([str(CLI), "demo", str(bundle), "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # torch's import can be slow on a busy CI machine
+        line = proc.stdout.readline() if ready else ""
         match = re.search(r"http://127\.0\.0\.1:\d+/web/", line)
         assert match, f"no URL in {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
         yield proc, match.group(0)

@@ -24,9 +24,10 @@ from conftest import BAD_MANIFESTS, copy_bundle
 
 NODE_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
 NODE = shutil.which("node")
+NODE_VERSION = tuple(int(v) for v in subprocess.run([NODE, "-p", "process.versions.node"], capture_output=True, text=True).stdout.split(".")[:2]) if NODE else (0, 0)
 
 pytestmark = [
-    pytest.mark.skipif(NODE is None, reason="node is not installed (the Node client needs Node >= 18)"),
+    pytest.mark.skipif(NODE_VERSION < (20, 12), reason="the Node client needs Node >= 20.12 (node is absent or older)"),
     pytest.mark.skipif(
         not (NODE_CLIENT / "node_modules" / "onnxruntime-node").is_dir(),
         reason="clients/node/node_modules is absent: run npm ci --prefix clients/node",

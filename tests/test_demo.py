@@ -26,11 +26,11 @@ def get(url: str) -> tuple[int, str, bytes]:
         return response.status, response.headers["Content-Type"], response.read()
 
 
-def raw_status(url: str, path: str) -> int:
-    """The status of a GET for ``path`` sent as it is (urllib would normalise '..')."""
+def raw_status(url: str, path: str, method: str = "GET", host: str | None = None) -> int:
+    """The status of a request for ``path`` sent as it is (urllib would normalise '..')."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    connection.request("GET", path)
+    connection.request(method, path, headers={"Host": host} if host else {})
     status = connection.getresponse().status
     connection.close()
     return status
@@ -56,15 +56,30 @@ def test_demo_serves_the_page_the_reader_the_runtimes_and_the_bundle(served, cli
         assert get(f"{base}/bundle/{name}")[2] == (client_bundle / name).read_bytes()
 
 
-@pytest.mark.parametrize("path", ["/bundle/../run/config.json", "/bundle/%2e%2e/run/config.json", "/web/../../pyproject.toml", "/etc/passwd", "/bundle/", "/web/.gitignore"])
+OUTSIDE = ["/bundle/../run/config.json", "/bundle/%2e%2e/run/config.json", "/web/../../pyproject.toml", "/etc/passwd", "/bundle/", "/web/.gitignore", "/node_modules/.package-lock.json", "/bundle/%00", "/bundle/" + "x" * 5000]
+
+
+@pytest.mark.parametrize("path", OUTSIDE, ids=range(len(OUTSIDE)))
 def test_demo_serves_nothing_outside_its_folders(served, path):
     assert raw_status(served, path) == 404
 
 
-def test_demo_listens_on_loopback_only(client_bundle):
+def test_demo_answers_get_only_and_only_to_its_own_name(served):
+    assert raw_status(served, "/pyproject.toml", method="HEAD") == 501
+    assert raw_status(served, "/bundle/manifest.json", host="rebound.example:80") == 403
+    assert raw_status(served, "/bundle/manifest.json", host=f"localhost:{urlsplit(served).port}") == 200
+
+
+def test_demo_is_unreachable_from_other_addresses(client_bundle):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # a UDP "connection" sends nothing: it only picks this machine's outward address
+        address = probe.getsockname()[0]
+    if address.startswith("127."):
+        pytest.skip("this machine has no address besides loopback")
     server = make_server(client_bundle, port=0)
     try:
-        assert server.server_address[0] == "127.0.0.1"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((address, server.server_address[1]), timeout=5).close()
     finally:
         server.server_close()
 
@@ -84,6 +99,10 @@ def test_demo_says_how_to_install_the_page(client_bundle, tmp_path):
     (tmp_path / "web").mkdir()
     (tmp_path / "web" / "index.html").write_text("<!doctype html>")
     assert_one_line_error(run_cli("demo", client_bundle, "--clients", tmp_path, check=False, timeout=60), "npm ci --prefix")
+
+
+def test_demo_refuses_a_port_out_of_range(client_bundle):
+    assert_one_line_error(run_cli("demo", client_bundle, "--port", "70000", check=False, timeout=60), "--port")
 
 
 def test_demo_refuses_a_busy_port(client_bundle):

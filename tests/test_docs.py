@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "app-integration.md"
 CLIENT_CODE = [ROOT / "clients" / "core" / "bundle.mjs", ROOT / "clients" / "node" / "verify.mjs", ROOT / "clients" / "web" / "app.mjs"]
 # How the JS clients name what they read: the manifest, one of its files[] (io: its input or output), and its sections.
-JS_MEMBERS = {"at", "every", "filter", "find", "forEach", "length", "map", "some", "json"}  # array methods; "manifest.json" in messages
+JS_MEMBERS = {"at", "every", "filter", "find", "flatMap", "forEach", "length", "map", "some", "json"}  # array methods; "manifest.json" in messages
 JS_NAMES = {"manifest": "", "entry": "files[].", "io": "files[].input.", "pre": "preprocessing.", "embedding": "embedding.", "thresholds": "thresholds.", "training": "training."}
 FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 BUNDLE_PLACEHOLDER = '"path/to/bundle"'
@@ -70,27 +70,39 @@ def test_every_manifest_field_the_doc_names_is_in_the_schema():
 
 def client_field_tokens() -> set[str]:
     """Manifest paths the JS clients read: ``name.a.b`` and ``name["a"]`` for the names of
-    JS_NAMES, ``const { a, b } = name``, and the dotted keys checkManifest requires."""
+    JS_NAMES, and ``const { a, b } = name``."""
     tokens = set()
     for code in (path.read_text() for path in CLIENT_CODE):
         for name, prefix in JS_NAMES.items():
-            for path in re.findall(rf"\b{name}\??\.([a-z_]\w*(?:\??\.[a-z_]\w*)*)", code):
+            for path in re.findall(rf"\b{name}\??\.([a-z_]\w*(?:\??\.[a-z_]\w*)*)", re.sub(r'"[^"\n]*"', '""', code)):
                 parts = path.replace("?", "").split(".")
                 cut = next((i for i, part in enumerate(parts) if part in JS_MEMBERS), len(parts))
                 tokens.add(prefix + ".".join(parts[:cut]))
             tokens |= {prefix + key for key in re.findall(rf"\b{name}\[\"([\w.-]+)\"\]", code)}
             for names in re.findall(rf"const \{{([^}}]*)\}} = {name}\b", code):
                 tokens |= {prefix + n.split(":")[0].strip() for n in names.split(",")}
-        required = re.search(r"const missing = \[(.*?)\]", code, re.S)
-        if required:
-            tokens |= set(re.findall(r'"([\w.]+)"', required.group(1)))
     return {t.removesuffix(".") for t in tokens if t.removesuffix(".")}
+
+
+def checked_fields() -> set[str]:
+    """The fields clients/core/bundle.mjs's checkManifest requires (REQUIRED, and FILE_REQUIRED in every files[] entry)."""
+    code = CLIENT_CODE[0].read_text()
+    lists = {name: re.findall(r'"([\w.-]+)"', body) for name, body in re.findall(r"const (REQUIRED|FILE_REQUIRED) = \[(.*?)\];", code, re.S)}
+    return set(lists["REQUIRED"]) | {f"files[].{field}" for field in lists["FILE_REQUIRED"]} | {"schema_version", "files"}
 
 
 def test_every_manifest_field_the_clients_read_is_in_the_schema():
     tokens = client_field_tokens()
     assert {"files[].input.zero_point", "files[].fidelity.min_cosine", "preprocessing.mean", "thresholds.far_1e-3", "golden.path"} <= tokens
     assert sorted(tokens - field_names()) == []
+    assert sorted(checked_fields() - field_names()) == []
+
+
+def test_the_clients_check_every_field_they_read():
+    """checkManifest turns a missing field into one clear line, so it must require what the clients read."""
+    checked = checked_fields()
+    unchecked = {t for t in client_field_tokens() if not any(c == t or c.startswith((f"{t}.", f"{t}[]")) for c in checked)}
+    assert sorted(unchecked) == []
 
 
 def test_the_doc_names_every_field_and_section_an_app_reads():

@@ -94,12 +94,32 @@ def test_page_shows_the_self_check_without_the_flag(page, served):
     assert page.is_hidden("#error")
 
 
-def pick_pairs(bundle: Path, file: str) -> dict[str, tuple[int, int, float, bool]]:
-    """From eval.npz: a same-class pair the Python Embedder accepts and a different-class pair it
-    rejects, each at least 0.02 from the threshold so that float differences cannot flip them."""
+def raw_range(bundle: Path) -> tuple[float, float]:
+    return tuple(json.loads((bundle / "manifest.json").read_text())["preprocessing"]["raw_range"])
+
+
+def to_pixels(raw: np.ndarray, bundle: Path) -> np.ndarray:
+    """Raw images as an 8-bit file holds them: the raw range stretched to 0..255, rounded."""
+    lo, hi = raw_range(bundle)
+    return np.round((raw.astype(np.float32) - lo) * 255 / (hi - lo)).astype(np.uint8)
+
+
+def to_raw(pixels: np.ndarray, bundle: Path) -> np.ndarray:
+    """The raw values 8-bit pixels stand for: what the page computes on."""
+    lo, hi = raw_range(bundle)
+    return lo + pixels.astype(np.float32) * np.float32((hi - lo) / 255)
+
+
+def save_png(pixels: np.ndarray, path: Path) -> Path:
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+    return path
+
+
+def pick_pairs(bundle: Path, file: str, images: np.ndarray) -> dict[str, tuple[int, int, float, bool]]:
+    """A same-class pair of ``images`` (eval.npz's) the Python Embedder accepts and a different-class
+    pair it rejects, each at least 0.02 from the threshold so that float differences cannot flip them."""
     embedder = Embedder(bundle, file=file)
-    data = np.load(bundle / "eval.npz", allow_pickle=False)
-    embeddings, labels = embedder.embed(data["images"]), data["labels"]
+    embeddings, labels = embedder.embed(images), np.load(bundle / "eval.npz", allow_pickle=False)["labels"]
     threshold = embedder.bundle.manifest["thresholds"]["far_1e-3"]
     d = pairwise_distances(embeddings, embeddings, embedder.distance_name, embedder.weights)
     i, j = np.triu_indices(len(labels), 1)
@@ -111,21 +131,21 @@ def pick_pairs(bundle: Path, file: str) -> dict[str, tuple[int, int, float, bool
     return pairs
 
 
+def page_verdict(page, url: str, file: str, image_a: Path, image_b: Path):
+    """Load the page, choose ``file``, pick the two images; the verdict element once it is done."""
+    page.goto(url)
+    page.wait_for_selector("#status.ok")
+    page.select_option("#model", file)
+    page.set_input_files("#image-a", image_a)
+    page.set_input_files("#image-b", image_b)
+    return page.wait_for_selector("#verdict[data-state=done]")
+
+
 @pytest.mark.parametrize("file", ["model_fp32.onnx", "model_int8.tflite"])
 def test_page_verdicts_equal_python(page, served, client_bundle, tmp_path, file):
-    images = np.load(client_bundle / "eval.npz", allow_pickle=False)["images"]
-    pairs = pick_pairs(client_bundle, file)
-    for kind, (i, j, distance, accept) in pairs.items():
-        paths = []
-        for k in (i, j):
-            paths.append(tmp_path / f"{kind}-{k}.png")
-            Image.fromarray(images[k][..., 0]).save(paths[-1])
-        page.goto(served)
-        page.wait_for_selector("#status.ok")
-        page.select_option("#model", file)
-        page.set_input_files("#image-a", paths[0])
-        page.set_input_files("#image-b", paths[1])
-        verdict = page.wait_for_selector("#verdict[data-state=done]")
+    pixels = to_pixels(np.load(client_bundle / "eval.npz", allow_pickle=False)["images"], client_bundle)
+    for kind, (i, j, distance, accept) in pick_pairs(client_bundle, file, to_raw(pixels, client_bundle)).items():
+        verdict = page_verdict(page, served, file, save_png(pixels[i], tmp_path / f"{kind}-a.png"), save_png(pixels[j], tmp_path / f"{kind}-b.png"))
         assert verdict.get_attribute("data-accept") == str(accept).lower(), (kind, page.text_content("#verdict"))
         assert float(verdict.get_attribute("data-distance")) == pytest.approx(distance, abs=1e-4)
         assert page.text_content("#verdict").startswith("Same" if accept else "Different")
@@ -136,19 +156,13 @@ def test_page_verdicts_equal_python(page, served, client_bundle, tmp_path, file)
 def test_page_converts_colour_and_resizes_as_python(page, served, client_bundle, tmp_path):
     """A colour image goes through the manifest's luma weights, and a 2x image is resized to the
     model's size: the page's distance equals Python's on the colour image and the original."""
-    images = np.load(client_bundle / "eval.npz", allow_pickle=False)["images"][:2, ..., 0]
-    colour = np.stack([images[0], images[0] // 2, 16 - images[0]], axis=-1).astype(np.uint8)
-    twice = images[1].repeat(2, axis=0).repeat(2, axis=1)  # each pixel a 2x2 block: bilinear halving gives it back
-    Image.fromarray(colour).save(tmp_path / "colour.png")
-    Image.fromarray(twice).save(tmp_path / "twice.png")
+    pixels = to_pixels(np.load(client_bundle / "eval.npz", allow_pickle=False)["images"][:2], client_bundle)
+    grey_a, grey_b = pixels[0, ..., 0], pixels[1, ..., 0]
+    colour = np.stack([grey_a, grey_a // 2, 255 - grey_a], axis=-1)
+    twice = grey_b.repeat(2, axis=0).repeat(2, axis=1)[..., None]  # each pixel a 2x2 block: bilinear halving gives it back
     embedder = Embedder(client_bundle, file="model_fp32.onnx")
-    expected = embedder.distance(embedder.embed(colour[None]), embedder.embed(images[1][None, ..., None]))[0]
-    page.goto(served)
-    page.wait_for_selector("#status.ok")
-    page.select_option("#model", "model_fp32.onnx")
-    page.set_input_files("#image-a", tmp_path / "colour.png")
-    page.set_input_files("#image-b", tmp_path / "twice.png")
-    verdict = page.wait_for_selector("#verdict[data-state=done]")
+    expected = embedder.distance(embedder.embed(to_raw(colour, client_bundle)[None]), embedder.embed(to_raw(grey_b, client_bundle)[None, ..., None]))[0]
+    verdict = page_verdict(page, served, "model_fp32.onnx", save_png(colour, tmp_path / "colour.png"), save_png(twice, tmp_path / "twice.png"))
     assert float(verdict.get_attribute("data-distance")) == pytest.approx(expected, abs=1e-4)
 
 

@@ -7,9 +7,24 @@
 export const SCHEMA_VERSION = 1;
 export const GOLDEN_SLACK = 1e-3; // as device_bench.bench: a file may fall this far below the min cosine export measured
 const EPS = 1e-12; // as device_bench.metrics: guards the norm of an all-zero row
-const PREPROCESSING_TOLERANCE = 1e-5; // float64 here against numpy's float32: a few ulps of values within +-10
+const PREPROCESSING_TOLERANCE = 1e-6; // relative to the largest input: float64 here against numpy's float32
 
 export class BundleError extends Error {}
+
+// What the clients read (tests/test_docs.py checks that these cover every field they use, and
+// that each is in device_bench.manifest's schema); `files[]` fields are checked in every entry.
+const REQUIRED = [
+  "input.shape", "preprocessing.raw_range", "preprocessing.resize", "preprocessing.channels", "preprocessing.scale",
+  "preprocessing.mean", "preprocessing.std", "embedding.dim", "embedding.distance", "embedding.distance_weights",
+  "thresholds.far_1e-3", "thresholds.measured_on", "training.loss", "training.backbone", "training.dataset",
+  "eval.path", "eval.sha256", "golden.path", "golden.sha256",
+];
+const FILE_REQUIRED = [
+  "path", "sha256", "format", "precision", "status", "input.name", "input.dtype", "input.shape", "input.scale",
+  "input.zero_point", "output.name", "output.dtype", "output.shape", "output.scale", "output.zero_point", "fidelity.min_cosine",
+];
+
+const missingFields = (object, paths) => paths.filter((path) => path.split(".").reduce((value, part) => value?.[part], object) === undefined);
 
 /** The parsed manifest.json, checked for what the clients use; throws a BundleError that says how to fix it. */
 export function checkManifest(manifest) {
@@ -18,12 +33,12 @@ export function checkManifest(manifest) {
       `bundle schema version ${manifest?.schema_version} is not ${SCHEMA_VERSION}: use the client of the edge-siamese that exported it, or export again`,
     );
   }
-  const missing = [
-    "input.shape", "preprocessing.resize", "preprocessing.channels", "preprocessing.scale", "preprocessing.mean",
-    "preprocessing.std", "embedding.dim", "embedding.distance", "thresholds", "files", "eval.path", "golden.path",
-  ].filter((key) => key.split(".").reduce((value, part) => value?.[part], manifest) === undefined);
-  if (missing.length) throw new BundleError(`manifest.json lacks ${missing.join(", ")}: export the bundle again`);
   if (!Array.isArray(manifest.files) || manifest.files.length === 0) throw new BundleError("manifest.json lists no model files: export the bundle again");
+  const missing = [
+    ...missingFields(manifest, REQUIRED),
+    ...manifest.files.flatMap((entry, i) => missingFields(entry, FILE_REQUIRED).map((path) => `files[${i}].${path}`)),
+  ];
+  if (missing.length) throw new BundleError(`manifest.json lacks ${missing.join(", ")}: export the bundle again`);
   return manifest;
 }
 
@@ -54,7 +69,10 @@ export async function checkSha256(entry, bytes) {
 
 // --- .npz: a zip (numpy.savez[_compressed]) of .npy arrays --------------------------------------------
 
-const NPY_TYPES = { "<f4": Float32Array, "|u1": Uint8Array, "|i1": Int8Array };
+const NPY_TYPES = {
+  "<f4": Float32Array, "<f8": Float64Array, "|u1": Uint8Array, "|i1": Int8Array, "<u2": Uint16Array, "<i2": Int16Array,
+  "<i4": Int32Array, "<i8": BigInt64Array,
+};
 
 async function inflateRaw(bytes) {
   const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate-raw"));
@@ -114,7 +132,8 @@ function readNpy(bytes, name) {
   const count = shape.reduce((a, b) => a * b, 1);
   const body = bytes.subarray(headerStart + headerLength, headerStart + headerLength + count * Type.BYTES_PER_ELEMENT);
   if (body.length < count * Type.BYTES_PER_ELEMENT) throw new BundleError(`${name} is truncated`);
-  return { shape, data: new Type(body.slice().buffer) }; // little-endian, as every platform these clients run on
+  const data = new Type(body.slice().buffer); // little-endian, as every platform these clients run on
+  return { shape, data: Type === BigInt64Array ? Float64Array.from(data, Number) : data };
 }
 
 /** The named arrays of an .npz file. */
@@ -132,33 +151,42 @@ export async function readNpz(bytes, name, keys) {
 
 const LUMA = [0.299, 0.587, 0.114]; // ITU-R 601-2, the manifest's grey_conversion
 
-/** RGBA pixels (already resized to the manifest's `resize`) -> the model's float32 NCHW input of one image. */
-export function preprocessRgba(rgba, pre) {
+/**
+ * One image's raw pixel values (H x W pixels of `c` interleaved channels, in the training data's
+ * raw range) -> its float32 NCHW input: grey by the luma weights when the model takes one channel
+ * and the image has colour, then (raw * scale - mean) / std per channel.
+ */
+function normalise(raw, c, pre) {
   const [height, width] = pre.resize;
   const { channels, scale, mean, std } = pre;
-  if (rgba.length !== 4 * height * width) throw new BundleError(`the image is not ${height}x${width} after resizing`);
-  const x = new Float32Array(channels * height * width);
-  for (let p = 0; p < height * width; p++) {
-    const [r, g, b] = [rgba[4 * p], rgba[4 * p + 1], rgba[4 * p + 2]];
-    const values = channels === 1 ? [LUMA[0] * r + LUMA[1] * g + LUMA[2] * b] : [r, g, b];
-    for (let c = 0; c < channels; c++) x[c * height * width + p] = (values[c] * scale - mean[c]) / std[c];
+  const plane = height * width;
+  if (raw.length !== c * plane) throw new BundleError(`the image is not ${height}x${width} after resizing`);
+  if (channels === 3 && c === 1) throw new BundleError("the image is grey but the model takes colour: pick a colour image");
+  const x = new Float32Array(channels * plane);
+  for (let p = 0; p < plane; p++) {
+    const rgb = c === 1 ? [raw[p]] : [raw[c * p], raw[c * p + 1], raw[c * p + 2]];
+    const values = channels === 1 && c > 1 ? [LUMA[0] * rgb[0] + LUMA[1] * rgb[1] + LUMA[2] * rgb[2]] : rgb;
+    for (let k = 0; k < channels; k++) x[k * plane + p] = (values[k] * scale - mean[k]) / std[k];
   }
   return x;
 }
 
-/** golden.npz's raw images (N, H, W, C) -> their NCHW input, to check this preprocessing against Python's. */
+/**
+ * A decoded 8-bit RGBA image (already resized to `resize`) -> its model input. Its 0..255 values
+ * are first mapped onto the training data's raw range (`raw_range`: 0..16 for scikit-learn's
+ * digits, 0..255 for 8-bit images, where this changes nothing).
+ */
+export function preprocessRgba(rgba, pre) {
+  const [lo, hi] = pre.raw_range;
+  return normalise(Float64Array.from(rgba, (v) => lo + (v * (hi - lo)) / 255), 4, pre);
+}
+
+/** golden.npz's raw images (N, H, W, C), already in the raw range -> their NCHW input, to check against Python's. */
 export function preprocessRaw(images, pre) {
   const [n, height, width, c] = images.shape;
-  const rgba = new Uint8ClampedArray(4 * height * width);
   const per = pre.channels * height * width;
   const out = new Float32Array(n * per);
-  for (let i = 0; i < n; i++) {
-    for (let p = 0; p < height * width; p++) {
-      for (let k = 0; k < 3; k++) rgba[4 * p + k] = images.data[(i * height * width + p) * c + (c === 1 ? 0 : k)];
-      rgba[4 * p + 3] = 255;
-    }
-    out.set(preprocessRgba(rgba, pre), i * per);
-  }
+  for (let i = 0; i < n; i++) out.set(normalise(images.data.subarray(i * height * width * c, (i + 1) * height * width * c), c, pre), i * per);
   return { shape: [n, pre.channels, height, width], data: out };
 }
 
@@ -172,16 +200,18 @@ function rint(v) {
   return frac < 0.5 ? floor : frac > 0.5 ? floor + 1 : floor + (floor % 2 !== 0);
 }
 
-/** float32 -> the file's input dtype, with the scale and zero point the manifest records for it. */
+const f32 = Math.fround;
+
+/** float32 -> the file's input dtype, with the scale and zero point the manifest records for it, in float32 as numpy. */
 function quantize(x, io) {
   if (io.dtype === "float32") return x;
   const [lo, hi, Type] = INT_RANGES[io.dtype];
-  return Type.from(x, (v) => Math.min(hi, Math.max(lo, rint(v / io.scale + io.zero_point))));
+  return Type.from(x, (v) => Math.min(hi, Math.max(lo, rint(f32(f32(v / f32(io.scale)) + io.zero_point)))));
 }
 
 function dequantize(y, io) {
   if (io.dtype === "float32") return Float32Array.from(y);
-  return Float32Array.from(y, (v) => (v - io.zero_point) * io.scale);
+  return Float32Array.from(y, (v) => f32(f32(v - io.zero_point) * f32(io.scale)));
 }
 
 /** Throws unless `shape` is the input shape manifest.json lists for `entry`; `what` names whose shape it is. */
@@ -201,6 +231,11 @@ export function checkInputShape(entry, shape, what) {
 export async function embed(entry, inputs, run) {
   if (![entry.input.dtype, entry.output.dtype].every((dtype) => dtype === "float32" || dtype in INT_RANGES)) {
     throw new BundleError(`${entry.path} has ${entry.input.dtype} input and ${entry.output.dtype} output; float32, int8 and uint8 are supported`);
+  }
+  for (const io of [entry.input, entry.output]) {
+    if (io.dtype !== "float32" && (typeof io.scale !== "number" || typeof io.zero_point !== "number")) {
+      throw new BundleError(`${entry.path} has ${io.dtype} ${io.name} without a scale and zero point in manifest.json: export the bundle again`);
+    }
   }
   const [n, ...sample] = inputs.shape;
   checkInputShape(entry, inputs.shape, "the images have");
@@ -260,9 +295,15 @@ export function onnxRunner(ort, files, provider, runtime) {
 export async function selfCheck(manifest, golden, runners, report) {
   const failures = [];
   const inputs = preprocessRaw(golden.images, manifest.preprocessing);
-  let maxAbsDiff = 0;
-  inputs.data.forEach((v, i) => (maxAbsDiff = Math.max(maxAbsDiff, Math.abs(v - golden.inputs.data[i]))));
-  report.preprocessing = { max_abs_diff: maxAbsDiff, ok: maxAbsDiff <= PREPROCESSING_TOLERANCE };
+  if (`${inputs.shape}` !== `${golden.inputs.shape}`) {
+    throw new BundleError(`golden.npz's images preprocess to [${inputs.shape}] but its inputs are [${golden.inputs.shape}]: export the bundle again`);
+  }
+  let maxAbsDiff = 0, largest = 1;
+  inputs.data.forEach((v, i) => {
+    maxAbsDiff = Math.max(maxAbsDiff, Math.abs(v - golden.inputs.data[i]));
+    largest = Math.max(largest, Math.abs(v));
+  });
+  report.preprocessing = { max_abs_diff: maxAbsDiff, ok: maxAbsDiff <= PREPROCESSING_TOLERANCE * largest };
   if (!report.preprocessing.ok) failures.push(`preprocessing differs from Python's by ${maxAbsDiff.toExponential(2)}`);
   for (const entry of manifest.files) {
     const runner = runners[entry.format];
@@ -270,7 +311,7 @@ export async function selfCheck(manifest, golden, runners, report) {
       report.skipped.push({ path: entry.path, reason: runner ?? `this client has no runtime for ${entry.format}` });
       continue;
     }
-    const bar = entry.fidelity.min_cosine - GOLDEN_SLACK;
+    const bar = entry.fidelity.min_cosine - GOLDEN_SLACK; // checkManifest has made sure it is there
     try {
       const { run, runtime } = await runner(entry);
       const check = agreement(await embed(entry, golden.inputs, run), golden.embeddings);

@@ -41,14 +41,19 @@ async function verify(bundle, report) {
   let ort;
   try {
     ort = (await import("onnxruntime-node")).default;
-  } catch {
-    throw new BundleError("onnxruntime-node is not installed: run npm ci --prefix clients/node");
+  } catch (err) {
+    throw new BundleError(`onnxruntime-node did not load (${oneLine(err)}): run npm ci --prefix clients/node`);
   }
   const onnx = onnxRunner(ort, files, "cpu", `onnxruntime-node ${ort.env.versions.node}`);
   await selfCheck(manifest, golden, { onnx, tflite: "Node has no LiteRT runtime: the web page (edge-siamese demo) or device_bench checks TFLite files" }, report);
 }
 
 async function main() {
+  const [major, minor] = process.versions.node.split(".").map(Number);
+  if (major < 20 || (major === 20 && minor < 12)) {
+    console.error(`Node ${process.versions.node} is too old: this client needs Node >= 20.12 (web crypto and deflate-raw streams)`);
+    return 2;
+  }
   const args = process.argv.slice(2);
   if (args.length !== 1 || args[0].startsWith("-")) {
     console.error("usage: node verify.mjs BUNDLE   (the folder 'edge-siamese export' wrote)");

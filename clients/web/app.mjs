@@ -54,15 +54,21 @@ async function makeRunners(files, opened) {
     const litert = await import("@litertjs/core");
     await litert.loadLiteRt("/node_modules/@litertjs/core/wasm/");
     runners.tflite = async (entry) => {
+      if (entry.input.dtype === "int8" || entry.output.dtype === "int8") {
+        throw new BundleError("LiteRT.js has no int8 tensors (float32, int32 and uint8 only): device_bench checks this file");
+      }
       const model = await litert.loadAndCompile(files[entry.path], { accelerator: "wasm" });
       checkInputShape(entry, Array.from(model.getInputDetails()[0].shape), "the model file's input has");
       const run = async (data, shape) => {
         const input = new litert.Tensor(data, shape);
-        const [output] = await model.run([input]);
-        input.delete();
-        const values = (await output.data()).slice();
-        output.delete();
-        return values;
+        let outputs = [];
+        try {
+          outputs = await model.run([input]);
+          return (await outputs[0].data()).slice();
+        } finally {
+          input.delete();
+          outputs.forEach((output) => output.delete());
+        }
       };
       return keep(entry, { run, runtime: "LiteRT.js (wasm)" });
     };
@@ -113,8 +119,8 @@ function writeSelfCheck(report) {
   $("self-check").dataset.state = "done";
 }
 
-/** An image file -> its model input, drawn into `preview` (the normalised input, min to max). */
-async function imageInput(file, pre, preview) {
+/** An image file -> its model input. */
+async function imageInput(file, pre) {
   let bitmap;
   try {
     bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
@@ -127,11 +133,10 @@ async function imageInput(file, pre, preview) {
   context.imageSmoothingEnabled = true;
   context.imageSmoothingQuality = "low"; // bilinear, the manifest's resize_method
   context.drawImage(bitmap, 0, 0, width, height);
-  const input = preprocessRgba(context.getImageData(0, 0, width, height).data, pre);
-  drawInput(input, pre, preview);
-  return input;
+  return preprocessRgba(context.getImageData(0, 0, width, height).data, pre);
 }
 
+/** What the model sees: the input drawn into `canvas`, its values stretched from min to max. */
 function drawInput(input, pre, canvas) {
   const [height, width] = pre.resize;
   const plane = height * width;
@@ -158,25 +163,35 @@ function setupCompare(manifest, opened, report) {
     Object.assign($("verdict").dataset, { state, accept: result?.accept ?? "", distance: result?.distance ?? "" });
     $("verdict").textContent = text;
   };
-  const update = async () => {
+  // One run at a time on a model (runtimes are not re-entrant), and only the newest choice is shown.
+  let latest = 0, queue = Promise.resolve();
+  const compare = async (ticket) => {
     const [a, b] = [$("image-a").files[0], $("image-b").files[0]];
+    if (ticket !== latest) return;
     if (!a || !b) return show("waiting", "Pick two images.");
     show("running", "Embedding…");
     try {
       const pre = manifest.preprocessing;
-      const inputs = [await imageInput(a, pre, $("preview-a")), await imageInput(b, pre, $("preview-b"))];
+      const inputs = [await imageInput(a, pre), await imageInput(b, pre)];
       const entry = manifest.files.find((entry) => entry.path === $("model").value);
       const data = new Float32Array(inputs[0].length * 2);
       data.set(inputs[0]);
       data.set(inputs[1], inputs[0].length);
       const embeddings = await embed(entry, { shape: [2, pre.channels, ...pre.resize], data }, opened[entry.path].run);
+      if (ticket !== latest) return;
+      drawInput(inputs[0], pre, $("preview-a"));
+      drawInput(inputs[1], pre, $("preview-b"));
       const dim = manifest.embedding.dim;
       const result = verdict(distance(embeddings.subarray(0, dim), embeddings.subarray(dim), manifest.embedding), manifest.thresholds);
       show("done", `${result.accept ? "Same" : "Different"}: ${manifest.embedding.distance} distance ${result.distance.toFixed(4)} ` +
         `${result.accept ? "<" : "≥"} threshold ${result.threshold.toFixed(4)} (FAR 1e-3), with ${entry.path}.`, result);
     } catch (err) {
-      show("error", oneLine(err));
+      if (ticket === latest) show("error", oneLine(err));
     }
+  };
+  const update = () => {
+    const ticket = ++latest;
+    queue = queue.then(() => compare(ticket));
   };
   for (const id of ["model", "image-a", "image-b"]) {
     $(id).addEventListener("change", update);
@@ -196,9 +211,11 @@ async function main() {
   } catch (err) {
     report.ok = false;
     report.error = oneLine(err);
-    $("summary").textContent = "";
-    $("status").className = "fail";
-    $("status").textContent = "not run";
+    if ($("status").classList.contains("pending")) {
+      $("summary").textContent = "";
+      $("status").className = "fail";
+      $("status").textContent = "not run";
+    }
     showError(report.error);
   }
   writeSelfCheck(report);
