@@ -191,3 +191,16 @@ def test_page_explains_an_inconsistent_bundle(page, client_bundle, tmp_path, edi
             assert fragment in report["error"], report["error"]
         shown = page.text_content("#status") if page.is_hidden("#error") else page.text_content("#error")
         assert fragments[0] in shown
+
+
+def test_page_offers_no_file_that_failed_its_self_check(page, client_bundle, tmp_path):
+    def impossible_bar(manifest):
+        for entry in manifest["files"]:
+            entry["fidelity"]["min_cosine"] = 1.5
+
+    with demo_server(copy_bundle(client_bundle, tmp_path / "bundle", impossible_bar)) as (_, url):
+        report = self_check(page, url)
+    assert report["ok"] is False and all(not row["ok"] for row in report["files"].values())
+    assert page.get_attribute("#verdict", "data-state") == "error"
+    assert page.text_content("#verdict").startswith("No model file passed the self-check")
+    assert page.is_disabled("#image-a") and page.locator("#model option").count() == 0

@@ -197,6 +197,7 @@ function setupCompare(manifest, opened, report) {
     $(id).addEventListener("change", update);
     $(id).disabled = usable.length === 0;
   }
+  if (usable.length === 0) show("error", "No model file passed the self-check above, so none is offered here.");
 }
 
 async function main() {
