@@ -95,8 +95,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,8")
     p.add_argument("--gallery", type=_ints, default=[1000, 10000, 100000], help="gallery sizes for 1:N search")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json")
     p.add_argument("--quiet", action="store_true", help="no table")
     args = p.parse_args(argv)
+    if args.json is not None and args.json.exists() and not args.force:
+        p.error(f"{args.json} already exists: pass --force to overwrite it")
+    if args.json is not None and not args.json.parent.is_dir():
+        p.error(f"{args.json.parent} is not a folder: create it, or write {args.json.name} elsewhere")
     if args.runs is not None and args.runs < 1:
         p.error(f"--runs {args.runs}: use at least 1")
     if args.runs is not None and args.min_seconds is not None:
@@ -160,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         bundle = read_bundle(args.bundle)
         files = select_files(bundle, args.format.split(","), args.precision.split(","))
         if args.runtime:
-            if not any(args.runtime in FORMATS[e["format"]].runtimes for e in files):
-                raise BundleError(f"runtime {args.runtime} runs none of the chosen files: choose --format to match")
             files = [e for e in files if args.runtime in FORMATS[e["format"]].runtimes]
+            if not files:
+                raise BundleError(f"runtime {args.runtime} runs none of the chosen files: choose --format to match")
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

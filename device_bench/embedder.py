@@ -45,26 +45,25 @@ class Embedder:
 
     def __init__(self, bundle: str | Path | Bundle, file: str | None = None, runtime: str | None = None, threads: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(Path(bundle))
-        self.entry = self._choose(file, runtime)
-        self.runtime = open_runtime(self.bundle.path / self.entry["path"], self.entry["format"], runtime, threads)
+        self.entry, self.runtime = self._open(file, runtime, threads)
         embedding = self.bundle.manifest["embedding"]
         self.distance_name = embedding["distance"]
         weights = embedding["distance_weights"]
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
 
-    def _choose(self, file: str | None, runtime: str | None) -> dict:
+    def _open(self, file: str | None, runtime: str | None, threads: int | None) -> tuple[dict, object]:
+        """The chosen file's entry and its opened runtime (each candidate is opened once)."""
         files = self.bundle.files
         if file is not None:
             for entry in files:
                 if entry["path"] == file:
-                    return entry
+                    return entry, open_runtime(self.bundle.path / file, entry["format"], runtime, threads)
             raise BundleError(f"{file} is not in the bundle: choose one of {', '.join(e['path'] for e in files)}")
         usable = [e for e in files if e["status"] == "verified" and (runtime is None or runtime in FORMATS[e["format"]].runtimes)]
         errors = []
         for entry in usable:
             try:
-                open_runtime(self.bundle.path / entry["path"], entry["format"], runtime)
-                return entry
+                return entry, open_runtime(self.bundle.path / entry["path"], entry["format"], runtime, threads)
             except BundleError as exc:
                 errors.append(str(exc))
         reason = errors[-1] if errors else f"no verified file runs with {runtime}"

@@ -112,6 +112,7 @@ def open_runtime(path: Path, fmt: str, runtime: str | None = None, threads: int 
     if fmt not in FORMATS:
         raise BundleError(f"unknown model format {fmt!r}: this device_bench knows {', '.join(FORMATS)}")
     candidates = [runtime] if runtime else list(FORMATS[fmt].runtimes)
+    broken = []
     for name in candidates:
         if name not in FORMATS[fmt].runtimes:
             raise BundleError(f"runtime {name} cannot run {fmt} files: use {' or '.join(FORMATS[fmt].runtimes)}")
@@ -119,5 +120,7 @@ def open_runtime(path: Path, fmt: str, runtime: str | None = None, threads: int 
             return RUNTIMES[name](path, threads)
         except ModuleNotFoundError:
             continue
+        except ImportError as exc:  # installed but unusable here, e.g. tflite-runtime built for numpy 1
+            broken.append(f"{name} does not import ({exc})")
     hints = "; or ".join(INSTALL_HINTS[n] for n in candidates)
-    raise BundleError(f"no runtime for {fmt} files is installed: {hints}")
+    raise BundleError(f"no runtime for {fmt} files {'works' if broken else 'is installed'}: {'; '.join(broken) + '; ' if broken else ''}{hints}")

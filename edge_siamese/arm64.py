@@ -33,7 +33,7 @@ import device_bench
 from device_bench.bench import validate_result
 from device_bench.manifest import MANIFEST, read_bundle
 
-from .errors import UserError
+from .errors import UserError, last_line
 from .progress import progress_bar
 
 GUEST_SUITE = "bookworm"
@@ -336,10 +336,6 @@ def _host_copy(bundle: Path) -> Iterator[Path]:
         yield work
 
 
-def _last_line(proc: subprocess.CompletedProcess) -> str:
-    return (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [f"exit status {proc.returncode}, no message"])[-1].removeprefix("error: ")
-
-
 def target_info(cpu: str) -> dict:
     """The result's ``target`` block for this emulated target."""
     return {"name": "arm64-emulated", "emulated": True, "cpu_model": cpu, "board": _cpu(cpu).board, "qemu": _qemu_version(_qemu()), "note": NOTE}
@@ -354,7 +350,7 @@ def run_device_bench(bundle: Path, args: list[str], cpu: str = "cortex-a72", cac
         env = {"DEVICE_BENCH_TARGET": "arm64-emulated", "DEVICE_BENCH_EMULATED": "1"}
         proc = run_guest_python(bench_args, cpu, cache_dir, [work], env, timeout=timeout)
         if not out.exists():
-            raise UserError(f"device_bench failed on emulated aarch64: {_last_line(proc)}")
+            raise UserError(f"device_bench failed on emulated aarch64: {last_line(proc)}")
         result = json.loads(out.read_text())
     result["target"] = target_info(cpu)
     return validate_result(result)
@@ -379,7 +375,7 @@ def _plugin(cache_dir: Path | None, qemu: str) -> Path:
     proc = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", f"-DPLUGIN_API_VERSION={api}", "-o", str(tmp), str(source)], capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"compiling the qemu instruction-count plugin failed: {_last_line(proc)}")
+        raise UserError(f"compiling the qemu instruction-count plugin failed: {last_line(proc)}")
     os.replace(tmp, path)
     return path
 
@@ -419,7 +415,7 @@ def count_instructions(
             env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # one thread: no spinning pools in the count
             proc = run_guest_python(args, cpu, cache_dir, [work], env, plugin=[str(plugin), f"out={out}"], timeout=timeout)
             if proc.returncode != 0 or not out.exists():
-                raise UserError(f"counting instructions of {file} on emulated aarch64 failed: {_last_line(proc)}")
+                raise UserError(f"counting instructions of {file} on emulated aarch64 failed: {last_line(proc)}")
             counts.append(int(out.read_text()))
             info = json.loads(proc.stdout.strip().splitlines()[-1])
     return {

@@ -73,12 +73,13 @@ def train(loss_name, embedding_dim, out, force, resume, quiet, **options) -> Non
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def evaluate(run_dir, split, json_path, device, force) -> None:
     """Retrieval and verification metrics of a trained run on one of its splits."""
+    from .checkpoints import read_config
     from .evaluate import default_output, evaluate_run
-    from .files import write_json
+    from .files import check_new_file, write_json
 
     path = json_path or default_output(run_dir, split)
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists: pass --force to overwrite it, or --json to write elsewhere")
+    read_config(run_dir)  # not a run folder: that error first, it says more than one about the output
+    check_new_file(path, force)
     result = evaluate_run(run_dir, split, device)
     width = max(len(k) for k in result)
     for key, value in result.items():
@@ -150,34 +151,13 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
     from device_bench.__main__ import table
 
     from . import targets
-    from .files import write_json
+    from .files import check_new_file, write_json
 
-    if json_path is not None and json_path.exists() and not force:
-        raise UserError(f"{json_path} already exists: pass --force to overwrite it")
+    check_new_file(json_path, force)
     if runs < 1:
         raise UserError(f"--runs {runs}: use at least 1")
-    args = ["--batch", batch, "--warmup", str(warmup), "--runs", str(runs), "--gallery", gallery]
-    args += (["--format", formats] if formats else []) + (["--precision", precision] if precision else [])
-    args += ["--threads", str(threads)] if threads else []
-    if instructions and target != "arm64-emulated":
-        raise UserError("--instructions counts guest instructions under qemu: use it with --target arm64-emulated")
-    if target == "cpu":
-        result = targets.bench_cpu(bundle, args)
-    elif target == "cuda":
-        batches = [int(b) for b in batch.split(",")]
-        result = targets.bench_cuda(bundle, run_dir, batches, warmup, runs)
-    elif target == "arm64-emulated":
-        from .arm64 import count_instructions, run_device_bench
-
-        result = run_device_bench(bundle, args, cpu=cpu_model)
-        if instructions:
-            for row in result["rows"]:
-                if row["status"] == "ok":
-                    row["guest_instructions_per_inference"] = count_instructions(bundle, row["file"], cpu=cpu_model)["instructions_per_inference"]
-    elif target.startswith("ssh://"):
-        result = targets.bench_ssh(bundle, target, args, remote_python)
-    else:
-        raise UserError(f"unknown target {target!r}: choose one of {', '.join(targets.TARGETS)}")
+    settings = targets.BenchSettings(ints(batch, "batch"), warmup, runs, ints(gallery, "gallery"), threads, formats, precision)
+    result = targets.run_target(target, bundle, settings, run_dir, cpu_model, instructions, remote_python)
     if target == "cuda":
         for row in result["rows"]:
             for lat in row.get("latency", []):
@@ -217,16 +197,10 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds, epochs, formats, targets, out, force, quiet) -> None:
     """The main job: Shadow vs triplet at low dims, every figure against the triplet baseline."""
-    import shutil
-
     from .compare import PRESETS, CompareConfig, run_compare
     from export.exporter import parse_formats
 
-    def ints(text: str, name: str) -> list[int]:
-        try:
-            return [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--{name} {text!r}: give comma-separated integers, e.g. 4,8,16") from None
+    from .files import remove_result_folder
 
     settings = dict(PRESETS[preset])
     given = {
@@ -237,9 +211,9 @@ def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds,
     settings.update({k: v for k, v in given.items() if v is not None})
     settings["formats"] = parse_formats(formats)
     settings["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
-    config = CompareConfig(**settings)
-    if force and out.exists():
-        shutil.rmtree(out)
+    config = CompareConfig(**settings).validate()
+    if force:
+        remove_result_folder(out, "compare_config.json")
     results = run_compare(config, out, progress=not quiet)
     for line in results["summary"]["verdict"]:
         click.echo(line)
@@ -263,6 +237,17 @@ def demo(bundle, port, clients) -> None:
         pass
     finally:
         server.server_close()
+
+
+def ints(text: str, name: str) -> list[int]:
+    """A comma-separated list of positive integers, or a UserError naming the option."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"--{name} {text!r}: give comma-separated positive integers, e.g. 1,8")
+    return values
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ from .progress import progress_bar
 from .report import write_report
 from .train import prepare_data, train
 
+COMPARE_TARGETS = ("cpu", "cuda", "arm64-emulated")
 METRICS_SHOWN = ("precision_at_1", "mean_average_precision_at_r", "tar_at_far_1e-3")
 PRESETS = {
     "default": {},
@@ -68,9 +69,21 @@ class CompareConfig:
     def train_config(self, loss: str, dim: int, seed: int) -> TrainConfig:
         return TrainConfig(dataset=self.dataset, split=self.split, backbone=self.backbone, loss=loss, embedding_dim=dim, epochs=self.epochs, seed=seed).validate()
 
+    def validate(self) -> "CompareConfig":
+        """Raise ``UserError`` at the first bad setting, before any work (or any --force removal)."""
+        self.formats = parse_formats(",".join(self.formats))
+        for t in self.targets:
+            if t not in COMPARE_TARGETS:
+                raise UserError(f"unknown target {t!r}: choose from {', '.join(COMPARE_TARGETS)}")
+        if self.seeds < 1 or not self.dims or not self.losses:
+            raise UserError("compare needs at least one seed, one dim and one loss")
+        for loss, dim, seed in self.runs():
+            self.train_config(loss, dim, seed)
+        return self
+
 
 def mean_ci(values: list[float]) -> dict:
-    """Mean and the half-width of its 95% t-interval (0 with one value: no interval)."""
+    """Mean and the half-width of its 95% t-interval (NaN with one value: no interval)."""
     v = np.asarray(values, dtype=float)
     half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     return {"mean": float(v.mean()), "ci95": half, "n": int(len(v)), "values": [float(x) for x in v]}
@@ -127,34 +140,15 @@ def _epochs_to_95(history: list[dict]) -> int:
 
 
 def _bench(target: str, bundle: Path, run_dir: Path, config: CompareConfig) -> dict:
-    args = ["--batch", "1", "--runs", str(config.bench_runs), "--warmup", "3", "--gallery", ",".join(map(str, config.gallery))]
-    if target == "cpu":
-        return targets.bench_cpu(bundle, args)
-    if target == "cuda":
-        return targets.bench_cuda(bundle, run_dir, [1], 3, config.bench_runs)
-    if target == "arm64-emulated":
-        from .arm64 import count_instructions, run_device_bench
-
-        result = run_device_bench(bundle, args)
-        for row in result["rows"]:
-            if row["status"] == "ok":
-                row["guest_instructions_per_inference"] = count_instructions(bundle, row["file"])["instructions_per_inference"]
-        return result
-    raise UserError(f"unknown target {target!r} for compare: use cpu, cuda or arm64-emulated")
+    settings = targets.BenchSettings(batches=[1], warmup=3, runs=config.bench_runs, gallery=config.gallery)
+    return targets.run_target(target, bundle, settings, run_dir, instructions=target == "arm64-emulated")
 
 
 def run_compare(config: CompareConfig, out: Path, progress: bool = True) -> dict:
     """Run (or resume) the whole comparison into ``out``; return ``results.json``'s content."""
     out = Path(out)
-    config.formats = parse_formats(",".join(config.formats))
-    for t in config.targets:
-        if t not in ("cpu", "cuda", "arm64-emulated"):
-            raise UserError(f"unknown target {t!r}: choose from cpu, cuda, arm64-emulated")
-    if config.seeds < 1 or not config.dims or not config.losses:
-        raise UserError("compare needs at least one seed, one dim and one loss")
+    config.validate()
     specs = config.runs()
-    for loss, dim, seed in specs:
-        config.train_config(loss, dim, seed)  # every bad option fails here, before any work
     saved_path = out / "compare_config.json"
     if saved_path.exists() and json.loads(saved_path.read_text()) != asdict(config):
         raise UserError(f"{out} holds a compare with other settings: use another --out, or --force to start over")
@@ -273,7 +267,9 @@ def summarize(config: CompareConfig, runs: dict, bench: dict) -> dict:
             row["bench"] = {}
             for target, by_model in bench.items():
                 result = by_model[f"{loss}-d{dim}"]
-                match = [r for r in result.get("rows", []) if r.get("file") == path and r.get("status") == "ok"]
+                # the PyTorch row is the cuda target's fp32 model; every other row is a bundle file
+                same = (lambda r: r.get("format") == "pytorch" and r.get("precision") == "fp32") if path is None else (lambda r: r.get("file") == path)
+                match = [r for r in result.get("rows", []) if same(r) and r.get("status") == "ok"]
                 if match:
                     r = match[0]
                     lat = r["latency"][0]

@@ -58,8 +58,7 @@ class TrainConfig:
             raise UserError(f"--lr {self.lr} must be positive")
         if self.margin is not None and LOSSES[self.loss].margin is None:
             raise UserError(f"the {self.loss} loss has no margin: drop --margin")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"unknown device {self.device!r}: use auto, cpu or cuda")
+        check_device(self.device)
         return self
 
     def to_dict(self) -> dict:
@@ -72,3 +71,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         return cls(**d)
+
+
+def check_device(name: str) -> str:
+    """``name`` if it is a device this toolkit runs on (auto, cpu, cuda, cuda:N), else a UserError."""
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return name

@@ -11,6 +11,8 @@ no ``B x R x D`` difference tensor is built.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -77,13 +79,19 @@ class WeightedL1Distance(L1Distance):
     """Koch et al.'s component-weighted L1: ``d(x, y) = sum_j w_j |x_j - y_j|``, ``w_j >= 0``.
 
     With non-negative weights this is the L1 distance between ``w * x`` and ``w * y``.
+    ``weights`` may be a callable returning them: it is read at every call, so that a learned
+    weighting (Koch's head) is the current one wherever the distance was handed (a miner).
     """
 
     name = "weighted_l1"
 
-    def __init__(self, weights: torch.Tensor):
+    def __init__(self, weights: torch.Tensor | Callable[[], torch.Tensor]):
         super().__init__()
-        self.weights = weights
+        self._weights = weights
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self._weights() if callable(self._weights) else self._weights
 
     def forward(self, embeddings, ref_emb=None):
         ref = embeddings if ref_emb is None else ref_emb

@@ -81,7 +81,7 @@ def plot_all(results: dict, out: Path, embeddings_2d: dict[str, tuple[np.ndarray
     figures.append(("p1_vs_dim.png", "precision_at_1 against embedding dimension (mean ± 95% CI over seeds)"))
 
     for target in results["bench"]:
-        pts = [r for r in rows if target in r["bench"] and "p50_ms" in r["bench"][target] and not r["bench"][target].get("emulated")]
+        pts = [r for r in rows if "size_bytes" in r and "p50_ms" in r["bench"].get(target, {}) and not r["bench"][target].get("emulated")]
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))

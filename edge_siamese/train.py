@@ -19,10 +19,10 @@ from device_bench.metrics import retrieval_metrics
 
 from . import __version__
 from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
-from .config import TrainConfig
+from .config import TrainConfig, check_device
 from .data import ImageSet, PKSampler, Preprocessing, load_dataset, split_dataset
 from .errors import UserError
-from .files import write_json
+from .files import check_replaceable, write_json
 from .miners import create_miner
 from .models import embed
 from .plots import plot_training_curves
@@ -31,7 +31,7 @@ from .progress import progress_bar
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without it is a user error."""
-    if name == "auto":
+    if check_device(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available (torch {torch.__version__}, no GPU found): use --device cpu or auto")
@@ -58,8 +58,12 @@ def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None
     dataset = load_dataset(config.dataset)
     splits = split_dataset(dataset.labels, config.split, config.test_fraction, config.val_fraction, config.split_seed)
     for name in ("train", "val", "test"):
-        if len(np.unique(dataset.labels[splits[name]])) < 2:
-            raise UserError(f"the {name} split of {config.dataset} has fewer than 2 classes: use a larger dataset or other fractions")
+        _, counts = np.unique(dataset.labels[splits[name]], return_counts=True)
+        if len(counts) < 2 or counts.max() < 2:  # what retrieval metrics need: a query with a same-class neighbour
+            raise UserError(
+                f"the {name} split of {config.dataset} has {counts.sum()} images in {len(counts)} classes, too few to measure "
+                "retrieval (it needs 2 classes, one with 2 images): use a larger dataset or other fractions"
+            )
     if preprocessing is None:
         preprocessing = Preprocessing.fit(dataset.images[splits["train"]], dataset.scale)
     elif (preprocessing.input_size, preprocessing.channels) != (dataset.input_size, dataset.channels):
@@ -101,8 +105,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
             raise UserError(f"{out} has finished training: nothing to resume")
         state = load_checkpoint(out / CHECKPOINT)
     else:
-        if out.exists() and not force:
-            raise UserError(f"{out} already exists: pass --force to overwrite it, or --resume to continue it")
+        check_replaceable(out, CONFIG, force, ", or --resume to continue it")
         preprocessing, state = None, None
     config.validate()
     device = resolve_device(config.device)

@@ -14,15 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from device_bench.manifest import MANIFEST, read_bundle, sha256_file, validate_manifest
-from edge_siamese.errors import UserError
+from device_bench.manifest import MANIFEST, read_bundle, sha256_file
 
 
-def staging_dir(out: Path, force: bool) -> Path:
-    """A fresh temporary folder beside ``out``; refuses an existing ``out`` without ``force``."""
+def staging_dir(out: Path) -> Path:
+    """A fresh temporary folder beside ``out``, where the bundle is built before ``commit``."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists: pass --force to overwrite it, or --out to write elsewhere")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -42,8 +39,7 @@ def file_entry(folder: Path, name: str) -> dict:
 
 
 def commit(tmp: Path, out: Path, manifest: dict, make_zip: bool) -> Path:
-    """Write the manifest, check the bundle as a device would, and move it to ``out``."""
-    validate_manifest(manifest)
+    """Write the manifest, check the bundle as a device would (schema, sha256s), and move it to ``out``."""
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     listed = {e["path"] for e in manifest["files"]} | {manifest["eval"]["path"], manifest["golden"]["path"], MANIFEST}
     for stray in [p for p in tmp.iterdir() if p.name not in listed]:

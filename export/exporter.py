@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from device_bench.formats import FORMATS, PRECISIONS, file_name
-from device_bench.manifest import SCHEMA_VERSION
+from device_bench.manifest import MANIFEST, SCHEMA_VERSION
 from device_bench.metrics import embedding_agreement, retrieval_metrics
 from device_bench.runtimes import open_runtime
 from edge_siamese import __version__
 from edge_siamese.checkpoints import METRICS, load_run
 from edge_siamese.errors import UserError
+from edge_siamese.files import check_replaceable
 from edge_siamese.models import embed
 from edge_siamese.progress import progress_bar
 from edge_siamese.train import prepare_data, retrieval_distance
@@ -134,8 +135,7 @@ def export_run(
             raise UserError(f"unknown precision {p!r}: choose from {', '.join(PRECISIONS)}")
     if calib_samples < MIN_CALIB_SAMPLES:
         raise UserError(f"--calib-samples {calib_samples} is too few: use at least {MIN_CALIB_SAMPLES}")
-    if Path(out).exists() and not force:
-        raise UserError(f"{out} already exists: pass --force to overwrite it, or --out to write elsewhere")
+    check_replaceable(out, MANIFEST, force, ", or --out to write elsewhere")
     run = load_run(run_dir)
     config = replace(run.config, dataset=calib_data) if calib_data else run.config
     try:
@@ -163,7 +163,7 @@ def export_run(
         "edge_siamese.loss": run.config.loss,
     }
 
-    tmp = bundle.staging_dir(out, force)
+    tmp = bundle.staging_dir(out)
     try:
         rows = []
         bar = progress_bar(len(formats) * len(precisions), "export", enabled=progress, unit="file")

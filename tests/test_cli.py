@@ -39,6 +39,30 @@ def test_evaluate_refuses_to_overwrite_without_force(shadow_run, tmp_path):
     assert json.loads(path.read_text())["split"] == "val"
 
 
+def test_force_replaces_only_an_earlier_result(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not a run")
+    for command in (["train", "--epochs", "1"], ["compare", "--seeds", "1", "--epochs", "1"]):
+        proc = run_cli(*command, "--out", out, "--force", check=False)
+        assert_one_line_error(proc, "holds something else", "choose another --out")
+        assert [p.name for p in out.iterdir()] == ["holiday.jpg"]
+
+
+def test_compare_checks_its_settings_before_force_removes_anything(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "compare_config.json").write_text("{}")
+    assert_one_line_error(run_cli("compare", "--targets", "tpu", "--out", out, "--force", check=False), "unknown target 'tpu'")
+    assert (out / "compare_config.json").read_text() == "{}"
+
+
+def test_evaluate_and_bench_check_the_json_folder_first(shadow_run, tmp_path):
+    missing = tmp_path / "no" / "such" / "result.json"
+    assert_one_line_error(run_cli("evaluate", shadow_run, "--json", missing, check=False), "is not a folder")
+    assert_one_line_error(run_cli("bench", shadow_run / "bundle", "--json", missing, check=False), "is not a folder")
+
+
 def test_train_refuses_an_existing_out_without_force(shadow_run):
     before = (shadow_run / "model.safetensors").read_bytes()
     assert_one_line_error(run_cli("train", "--out", shadow_run, check=False), "--force")
@@ -122,3 +146,15 @@ def test_resume_refuses_new_settings(shadow_run):
     proc = run_cli("train", "--resume", "--out", shadow_run, "--dim", "4", "--lr", "0.1", check=False)
     assert_one_line_error(proc, "drop --dim, --lr")
     assert_one_line_error(run_cli("train", "--resume", check=False), "--resume needs --out")
+
+
+def test_a_split_too_small_to_measure_is_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=rng.integers(0, 255, (100, 8, 8), dtype=np.uint8), labels=np.repeat(np.arange(10), 10))
+    proc = run_cli("train", "--dataset", data, "--epochs", "1", "--out", tmp_path / "run", check=False)
+    assert_one_line_error(proc, "too few to measure retrieval")
+
+
+def test_evaluate_names_a_bad_device_in_one_line(shadow_run, tmp_path):
+    assert_one_line_error(run_cli("evaluate", shadow_run, "--device", "gpu", "--json", tmp_path / "e.json", check=False), "unknown device 'gpu'")

@@ -430,13 +430,23 @@ def test_an_existing_out_needs_force_which_replaces_it_whole(shadow_run, out_par
     out = out_parent / "bundle"
     out.mkdir()
     (out / "old.txt").write_text("keep me unless --force")
+    (out / MANIFEST).write_text("{}")  # an earlier bundle, with a stray file
     proc = run_cli("export", shadow_run, "--format", "onnx", "--out", out, check=False)
     assert_one_line_error(proc, "already exists", "--force")
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "old.txt"]
     run_cli("export", shadow_run, "--format", "onnx", "--quiet", "--out", out, "--force")
     assert sorted(p.name for p in out.iterdir()) == ["eval.npz", "golden.npz", MANIFEST, "model_fp32.onnx"]
     read_bundle(out)
     assert_nothing_written(out_parent, "bundle")
+
+
+def test_force_replaces_only_an_earlier_bundle(shadow_run, out_parent):
+    out = out_parent / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not a bundle")
+    proc = run_cli("export", shadow_run, "--format", "onnx", "--out", out, "--force", check=False)
+    assert_one_line_error(proc, "holds something else", "no manifest.json")
+    assert [p.name for p in out.iterdir()] == ["holiday.jpg"]
 
 
 def test_the_zip_is_named_after_the_whole_out_name(shadow_run, out_parent):

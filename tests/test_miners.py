@@ -9,7 +9,7 @@ from pytorch_metric_learning.distances import LpDistance
 
 from edge_siamese.distances import EuclideanDistance, ShadowDistance, SquaredEuclideanDistance
 from edge_siamese.errors import UserError
-from edge_siamese.losses import ShadowLoss, TripletMarginLoss
+from edge_siamese.losses import KochLoss, ShadowLoss, TripletMarginLoss
 from edge_siamese.miners import MINERS, BatchHardMiner, TripletMarginMiner, create_miner
 
 TYPES = ("all", "hard", "semihard", "easy")
@@ -160,3 +160,13 @@ def test_create_miner_unknown_name_raises():
 def test_unknown_type_of_triplets_raises():
     with pytest.raises(UserError, match="type_of_triplets"):
         TripletMarginMiner(0.2, "medium")
+
+
+def test_a_miner_on_kochs_distance_sees_the_weights_as_they_are_learned():
+    loss = KochLoss(embedding_dim=4)
+    miner = create_miner("semihard", 0.2, loss.distance)
+    with torch.no_grad():
+        loss.rho.copy_(torch.tensor([3.0, -2.0, 0.5, 1.0]))
+    assert torch.equal(miner.distance.weights, torch.nn.functional.softplus(loss.rho))
+    embeddings = torch.randn(6, 4)
+    assert torch.allclose(miner.distance(embeddings), loss.distance(embeddings))

@@ -53,7 +53,8 @@ def test_an_existing_json_is_kept_without_force(bench_bundle, tmp_path):  # noqa
     [
         (["--target", "tpu"], ["unknown target 'tpu'", "cpu, cuda, arm64-emulated, ssh://user@host"]),
         (["--runs", "0"], ["--runs 0: use at least 1"]),
-        (["--batch", "0"], ["every value must be positive"]),
+        (["--batch", "0"], ["--batch '0'", "positive integers"]),
+        (["--target", "cuda", "--batch", "1,x"], ["--batch '1,x'", "positive integers"]),
         (["--precision", "fp16"], ["has no onnx/tflite file at fp16"]),
     ],
 )

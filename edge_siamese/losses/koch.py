@@ -26,14 +26,14 @@ class KochLoss(PairLossBase):
         self.embedding_dim = embedding_dim
         self.rho = nn.Parameter(torch.zeros(embedding_dim))
         self.bias = nn.Parameter(torch.zeros(()))
+        self.distance = WeightedL1Distance(self._current_weights)  # reads rho at every call
 
-    @property
-    def weights(self) -> torch.Tensor:
+    def _current_weights(self) -> torch.Tensor:
         return nn.functional.softplus(self.rho)
 
     @property
-    def distance(self) -> WeightedL1Distance:
-        return WeightedL1Distance(self.weights)
+    def weights(self) -> torch.Tensor:
+        return self._current_weights()
 
     def per_pair(self, dist, same):
         return nn.functional.binary_cross_entropy_with_logits(self.bias - dist, same, reduction="none")
