@@ -103,3 +103,10 @@ def demo_server(bundle: Path, *args: str):
             raise
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="module")
+def served(client_bundle):
+    """The URL of ``edge-siamese demo`` serving client_bundle, for one test module."""
+    with demo_server(client_bundle) as (_, url):
+        yield url

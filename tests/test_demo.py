@@ -13,7 +13,7 @@ import pytest
 
 from edge_siamese.demo import CLIENTS, demo_server as make_server
 
-from conftest import BAD_MANIFESTS, assert_one_line_error, copy_bundle, demo_server, run_cli
+from conftest import BAD_MANIFESTS, assert_one_line_error, copy_bundle, run_cli
 
 pytestmark = pytest.mark.skipif(
     not (CLIENTS / "web" / "node_modules" / "onnxruntime-web").is_dir(),
@@ -34,12 +34,6 @@ def raw_status(url: str, path: str, method: str = "GET", host: str | None = None
     status = connection.getresponse().status
     connection.close()
     return status
-
-
-@pytest.fixture(scope="module")
-def served(client_bundle):
-    with demo_server(client_bundle) as (proc, url):
-        yield url
 
 
 def test_demo_serves_the_page_the_reader_the_runtimes_and_the_bundle(served, client_bundle):
@@ -72,7 +66,10 @@ def test_demo_answers_get_only_and_only_to_its_own_name(served):
 
 def test_demo_is_unreachable_from_other_addresses(client_bundle):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("192.0.2.1", 9))  # a UDP "connection" sends nothing: it only picks this machine's outward address
+        try:
+            probe.connect(("192.0.2.1", 9))  # a UDP "connection" sends nothing: it only picks this machine's outward address
+        except OSError:
+            pytest.skip("this machine has no route out, so no address besides loopback")
         address = probe.getsockname()[0]
     if address.startswith("127."):
         pytest.skip("this machine has no address besides loopback")

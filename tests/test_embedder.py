@@ -15,6 +15,7 @@ import pytest
 from device_bench.embedder import LUMA, Embedder, Gallery, preprocess
 from device_bench.manifest import BundleError, read_bundle
 from device_bench.metrics import DISTANCES, pairwise_distances
+from conftest import copy_bundle
 from test_device_bench import bench_bundle, guarded  # noqa: F401  (fixtures: the shared bundle, a torch-free place)
 
 README = Path(__file__).resolve().parents[1] / "device_bench" / "README.md"
@@ -107,9 +108,16 @@ def test_runtime_litert_picks_a_tflite_file(bundle):
     np.testing.assert_allclose(embedder.embed(golden["images"]), golden["embeddings"], atol=1e-5)
 
 
-def test_embedder_reads_a_bundle_path_and_checks_its_sha256(bench_bundle):  # noqa: F811
+def test_embedder_reads_a_bundle_path_and_checks_its_sha256(bench_bundle, tmp_path):  # noqa: F811
     assert Embedder(bench_bundle).bundle.path == bench_bundle
     assert Embedder(str(bench_bundle)).entry["path"] == "model_fp32.onnx"
+    tampered = copy_bundle(bench_bundle, tmp_path / "bundle")
+    model = tampered / "model_fp32.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model_fp32.onnx .* does not match its sha256"):
+        Embedder(tampered)
 
 
 def test_a_missing_runtime_names_its_own_install_hint(bundle):

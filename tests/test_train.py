@@ -97,10 +97,30 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
     proc = run_cli("train", "--loss", "shadow-raw", "--lr", "1e8", "--quiet", "--out", out, check=False)
     assert_one_line_error(proc, "training stopped", "Lower --lr")
     assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
-    if "is kept" in proc.stderr:
-        assert torch.isfinite(torch.load(out / "checkpoint.pt", weights_only=True)["model"]["embed.weight"]).all()
-    else:
-        assert not (out / "checkpoint.pt").exists()
+    assert "no epoch finished" in proc.stderr and not (out / "checkpoint.pt").exists()
+
+
+def test_divergence_after_a_good_epoch_keeps_its_checkpoint(tmp_path):
+    """Two good epochs, then the run is reopened with 4 epochs and its optimizer's learning rate
+    raised to 1e8 in the checkpoint: resuming diverges in epoch 3 and keeps epoch 2's checkpoint."""
+    out = tmp_path / "run"
+    run_cli("train", "--epochs", "2", "--quiet", "--out", out)
+    (out / "metrics.json").unlink()
+    (out / "model.safetensors").unlink()
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["epochs"] = 4
+    (out / "config.json").write_text(json.dumps(config))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["lr"] = 1e8
+    n = len(state["scheduler"]["base_lrs"])
+    state["scheduler"].update(base_lrs=[1e8] * n, _last_lr=[1e8] * n, T_max=10**6)
+    torch.save(state, out / "checkpoint.pt")
+    proc = run_cli("train", "--resume", "--quiet", "--out", out, check=False)
+    assert_one_line_error(proc, "training stopped", "at epoch 3", "the last good checkpoint (epoch 2) is kept")
+    kept = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert kept["epoch"] == 2 and torch.isfinite(kept["model"]["embed.weight"]).all()
+    assert not (out / "model.safetensors").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")

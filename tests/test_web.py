@@ -54,12 +54,6 @@ def page(browser):
     page.close()
 
 
-@pytest.fixture(scope="module")
-def served(client_bundle):
-    with demo_server(client_bundle) as (_, url):
-        yield url
-
-
 def self_check(page, url: str) -> dict:
     page.goto(url + "?selfcheck=1")
     page.wait_for_selector("#self-check[data-state=done]")
