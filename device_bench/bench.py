@@ -80,6 +80,16 @@ def memory_mb() -> dict:
         return {"rss_mb": peak, "peak_rss_mb": peak}
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS (``VmHWM``) over from its current RSS (Linux >= 4.0, by
+    writing 5 to ``/proc/self/clear_refs``), so that a later ``memory_mb()`` gives the peak of what
+    ran since; elsewhere the peak stays the lifetime one."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def latency_stats(times_s: list[float], batch: int) -> dict:
     # Percentiles by linear interpolation on the sorted times (np.percentile's default rule):
     # np.percentile itself pulls in numpy.ma, 1.2 MB of RSS in the measured process.

@@ -6,7 +6,6 @@ from its checkpoint continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from device_bench.bench import memory_mb, reset_peak_rss
 from device_bench.metrics import retrieval_metrics
 
 from . import __version__
@@ -86,7 +86,8 @@ def validation_metrics(model, loss, inputs: torch.Tensor, labels: np.ndarray, **
 
 
 def peak_memory_mb(device: torch.device) -> dict:
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """Peak memory since ``reset_peak_rss()`` at the start of training (on Linux; the process's otherwise)."""
+    out = {"peak_rss_mb": memory_mb()["peak_rss_mb"]}
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -109,6 +110,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
         preprocessing, state = None, None
     config.validate()
     device = resolve_device(config.device)
+    reset_peak_rss()  # peak_rss_mb is this training's, not an earlier one's in the same process
     data = prepare_data(config, preprocessing)
 
     torch.manual_seed(config.seed)
