@@ -11,12 +11,11 @@ class Format:
     suffix: str
     precisions: tuple[str, ...]
     runtimes: tuple[str, ...]  # the runtimes that can run it, preferred first
-    extra: str | None  # the pip extra of edge-siamese that exports it, if any
 
 
 FORMATS: dict[str, Format] = {
-    "onnx": Format("onnx", ".onnx", ("fp32", "fp16", "int8"), ("onnxruntime",), None),
-    "tflite": Format("tflite", ".tflite", ("fp32", "fp16", "int8"), ("litert", "tflite-runtime"), "tflite"),
+    "onnx": Format("onnx", ".onnx", ("fp32", "fp16", "int8"), ("onnxruntime",)),
+    "tflite": Format("tflite", ".tflite", ("fp32", "fp16", "int8"), ("litert", "tflite-runtime")),
 }
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -10,6 +10,7 @@ import click
 from device_bench.manifest import BundleError
 
 from .errors import UserError
+from .evaluate import SPLIT_NAMES
 from .losses import LOSSES
 from .miners import MINERS
 from .models import BACKBONES, HEADS
@@ -67,7 +68,7 @@ def train(loss_name, embedding_dim, out, force, resume, quiet, **options) -> Non
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(SPLIT_NAMES), default="test", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Output  [default: RUN/evaluation.json]")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")

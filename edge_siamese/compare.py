@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from device_bench.bench import eval_accuracy
 from device_bench.manifest import read_bundle
-from device_bench.metrics import retrieval_metrics
 from device_bench.runtimes import open_runtime
-from device_bench.embedder import preprocess
 from export.exporter import export_run, parse_formats
 
 from . import __version__, targets
@@ -116,13 +115,9 @@ def _train_or_reuse(config: TrainConfig, run_dir: Path) -> None:
 def _file_metrics(bundle_dir: Path) -> dict:
     """Retrieval metrics of each exported file on the bundle's held-out set, run in its runtime."""
     bundle = read_bundle(bundle_dir)
-    eval_set = bundle.eval_set()
-    x = preprocess(eval_set["images"], bundle.manifest["preprocessing"])
-    emb = bundle.manifest["embedding"]
     out = {}
     for entry in bundle.files:
-        runtime = open_runtime(bundle.path / entry["path"], entry["format"])
-        m = retrieval_metrics(runtime.run(x), eval_set["labels"], emb["distance"], emb["distance_weights"], episodes=200)
+        m = eval_accuracy(bundle, open_runtime(bundle.path / entry["path"], entry["format"]))
         out[entry["path"]] = {
             "format": entry["format"],
             "precision": entry["precision"],

@@ -112,7 +112,7 @@ def bench_ssh(bundle: Path, url: str, args: list[str], python: str = "python3") 
     def call(cmd: list[str], what: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if proc.returncode not in ok:
-            raise UserError(f"{what} on {host} failed: {last_line(proc)}")
+            raise UserError(f"{cmd[0]} to {host} failed ({what}): {last_line(proc)}")
         return proc
 
     remote = call([*ssh, "mktemp -d"], "making a temporary folder").stdout.strip()

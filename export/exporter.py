@@ -21,7 +21,7 @@ import torch
 
 from device_bench.formats import FORMATS, PRECISIONS, file_name
 from device_bench.manifest import MANIFEST, SCHEMA_VERSION
-from device_bench.metrics import embedding_agreement, retrieval_metrics
+from device_bench.metrics import embedding_agreement
 from device_bench.runtimes import open_runtime
 from edge_siamese import __version__
 from edge_siamese.checkpoints import METRICS, load_run
@@ -29,7 +29,7 @@ from edge_siamese.errors import UserError
 from edge_siamese.files import check_replaceable
 from edge_siamese.models import embed
 from edge_siamese.progress import progress_bar
-from edge_siamese.train import prepare_data, retrieval_distance
+from edge_siamese.train import prepare_data, retrieval_distance, validation_metrics
 
 from . import bundle
 from . import onnx as onnx_export
@@ -142,20 +142,22 @@ def export_run(
         data = prepare_data(config, run.preprocessing)
     except UserError as exc:
         raise UserError(f"{exc} (the run's data is needed for calibration and checks: point --calib-data at it)") from None
-    train_x = data.inputs("train")
-    if len(train_x) < calib_samples:
-        raise UserError(f"--calib-samples {calib_samples} is more than the {len(train_x)} training images: lower it")
-    rng = np.random.default_rng(0)
-    calibration = train_x[np.sort(rng.choice(len(train_x), calib_samples, replace=False))].numpy()
-    held_out = np.arange(min(FIDELITY_SAMPLES, len(data.splits["test"])))
-    test_idx = data.splits["test"][held_out]
-    test_x, test_y = data.inputs("test")[held_out], data.labels("test")[held_out]
+    train_idx = data.splits["train"]
+    if len(train_idx) < calib_samples:
+        raise UserError(f"--calib-samples {calib_samples} is more than the {len(train_idx)} training images: lower it")
+    rng = np.random.default_rng(0)  # only the chosen images are preprocessed, not whole splits
+    calibration = data.preprocessing(data.dataset.images[train_idx[np.sort(rng.choice(len(train_idx), calib_samples, replace=False))]]).numpy()
+    test_idx = data.splits["test"][: FIDELITY_SAMPLES]
+    test_x, test_y = data.preprocessing(data.dataset.images[test_idx]), data.dataset.labels[test_idx]
 
     distance, weights = retrieval_distance(run.loss)
     reference = embed(run.model, test_x).numpy()
-    val = retrieval_metrics(embed(run.model, data.inputs("val")).numpy(), data.labels("val"), distance, weights)
+    metrics_path = run.path / METRICS  # training's final validation metrics, thresholds included
+    final = json.loads(metrics_path.read_text())["final"] if metrics_path.exists() else {
+        f"val_{k}": v for k, v in validation_metrics(run.model, run.loss, data.inputs("val"), data.labels("val")).items()
+    }
 
-    manifest = _manifest(run, data, distance, weights, val)
+    manifest = _manifest(run, distance, weights, final)
     metadata = {
         "edge_siamese.schema_version": str(SCHEMA_VERSION),
         "edge_siamese.toolkit_version": __version__,
@@ -217,10 +219,8 @@ def export_run(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _manifest(run, data, distance: str, weights, val: dict) -> dict:
+def _manifest(run, distance: str, weights, metrics: dict) -> dict:
     pre = run.preprocessing
-    metrics_path = run.path / METRICS
-    metrics = json.loads(metrics_path.read_text())["final"] if metrics_path.exists() else {}
     return {
         "schema_version": SCHEMA_VERSION,
         "toolkit_version": __version__,
@@ -245,10 +245,10 @@ def _manifest(run, data, distance: str, weights, val: dict) -> dict:
             "distance_weights": None if weights is None else [float(w) for w in weights],
         },
         "thresholds": {
-            "far_1e-2": val["threshold_at_far_1e-2"],
-            "far_1e-3": val["threshold_at_far_1e-3"],
+            "far_1e-2": metrics["val_threshold_at_far_1e-2"],
+            "far_1e-3": metrics["val_threshold_at_far_1e-3"],
             "accept": "distance < threshold",
-            "measured_on": f"validation split, {val['num_samples']} images",
+            "measured_on": f"validation split, {metrics['val_num_samples']} images",
         },
         "training": {
             "loss": run.config.loss,

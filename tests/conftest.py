@@ -83,6 +83,13 @@ BAD_MANIFESTS = [
 ]
 
 
+def flip_byte(path: Path) -> None:
+    """Corrupt a file in place by one byte in its middle: what a sha256 check must catch."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 @contextmanager
 def demo_server(bundle: Path, *args: str):
     """``edge-siamese demo BUNDLE --port 0`` in a subprocess: yields (process, the URL it printed);

@@ -20,7 +20,7 @@ from device_bench.manifest import read_bundle
 from device_bench.metrics import embedding_agreement
 from device_bench.runtimes import open_runtime
 
-from conftest import BAD_MANIFESTS, copy_bundle
+from conftest import BAD_MANIFESTS, copy_bundle, flip_byte
 
 NODE_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
 NODE = shutil.which("node")
@@ -89,10 +89,7 @@ def test_node_matches_device_bench(report, client_bundle):
 
 def test_node_rejects_a_tampered_file(client_bundle, tmp_path):
     tampered = copy_bundle(client_bundle, tmp_path / "bundle")
-    model = tampered / "model_int8.onnx"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    model.write_bytes(bytes(data))
+    flip_byte(tampered / "model_int8.onnx")
     assert_rejected(*verify(tampered), "sha256", "model_int8.onnx")
 
 

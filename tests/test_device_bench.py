@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, flip_byte, run_cli
 from device_bench.bench import GOLDEN_SLACK, LATENCY, RESULT, ROW_FAILED, ROW_OK, validate_result
 from device_bench.manifest import schema_paths
 from device_bench.manifest import MANIFEST, BundleError, read_bundle, sha256_file
@@ -267,9 +267,7 @@ def test_a_folder_that_is_not_a_bundle_is_refused(tmp_path):
 def test_a_tampered_bundle_is_refused(bench_bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bench_bundle, copy)
-    data = bytearray((copy / "model_fp32.onnx").read_bytes())
-    data[len(data) // 2] ^= 0x01
-    (copy / "model_fp32.onnx").write_bytes(bytes(data))
+    flip_byte(copy / "model_fp32.onnx")
     proc = device_bench(copy, "--gallery", "10", "--json", tmp_path / "bench.json")
     assert proc.returncode == 2
     assert_one_line_error(proc, "model_fp32.onnx", "does not match its sha256")

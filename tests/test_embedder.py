@@ -15,7 +15,7 @@ import pytest
 from device_bench.embedder import LUMA, Embedder, Gallery, preprocess
 from device_bench.manifest import BundleError, read_bundle
 from device_bench.metrics import DISTANCES, pairwise_distances
-from conftest import copy_bundle
+from conftest import copy_bundle, flip_byte
 from test_device_bench import bench_bundle, guarded  # noqa: F401  (fixtures: the shared bundle, a torch-free place)
 
 README = Path(__file__).resolve().parents[1] / "device_bench" / "README.md"
@@ -112,10 +112,7 @@ def test_embedder_reads_a_bundle_path_and_checks_its_sha256(bench_bundle, tmp_pa
     assert Embedder(bench_bundle).bundle.path == bench_bundle
     assert Embedder(str(bench_bundle)).entry["path"] == "model_fp32.onnx"
     tampered = copy_bundle(bench_bundle, tmp_path / "bundle")
-    model = tampered / "model_fp32.onnx"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    model.write_bytes(bytes(data))
+    flip_byte(tampered / "model_fp32.onnx")
     with pytest.raises(BundleError, match="model_fp32.onnx .* does not match its sha256"):
         Embedder(tampered)
 

@@ -20,7 +20,7 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, flip_byte, run_cli
 from device_bench.formats import FORMATS, file_name
 from device_bench.manifest import MANIFEST, BundleError, read_bundle, sha256_file
 from device_bench.runtimes import open_runtime
@@ -291,10 +291,7 @@ def bundle_copy(shadow_bundle, tmp_path) -> Path:
 
 
 def test_a_flipped_byte_is_caught_by_sha256(bundle_copy):
-    path = bundle_copy / "model_int8.onnx"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(bundle_copy / "model_int8.onnx")
     with pytest.raises(BundleError, match="model_int8.onnx in .* does not match its sha256"):
         read_bundle(bundle_copy)
 
@@ -498,6 +495,7 @@ def test_the_cli_names_the_figures_and_the_way_out_and_keeps_the_old_bundle(shad
     out = out_parent / "bundle"
     out.mkdir()
     (out / "old.txt").write_text("the previous bundle")
+    (out / MANIFEST).write_text("{}")
     setup = f"import export.exporter\nexport.exporter.TOLERANCES['int8'] = {STRICT_INT8!r}"
     proc = run_cli_after(setup, "export", shadow_run, "--format", "onnx", "--int8", "--quiet", "--out", out, "--force", "--zip")
     assert_one_line_error(
@@ -505,5 +503,5 @@ def test_the_cli_names_the_figures_and_the_way_out_and_keeps_the_old_bundle(shad
     )
     rows = [line.split() for line in proc.stdout.splitlines()[1:]]
     assert [row[:3] for row in rows] == [["onnx", "fp32", "verified"], ["onnx", "int8", "degraded"]]
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "old.txt"]
     assert_nothing_written(out_parent, "bundle")

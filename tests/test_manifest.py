@@ -172,7 +172,6 @@ def test_format_table_is_consistent():
     for name, fmt in FORMATS.items():
         assert fmt.name == name and fmt.suffix == f".{name}"
         assert set(fmt.precisions) <= set(PRECISIONS) and fmt.runtimes
-    assert FORMATS["onnx"].extra is None and FORMATS["tflite"].extra == "tflite"
     assert FORMATS["tflite"].runtimes[0] == "litert"
 
 
