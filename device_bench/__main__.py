@@ -9,52 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from .bench import BENCH_SCHEMA_VERSION, validate_result
-from .formats import FORMATS, PRECISIONS
-from .manifest import MANIFEST, BundleError, read_bundle, sha256_file
+from .document import result_document, table
+from .formats import FILE_PRECISIONS, FORMATS
+from .manifest import BundleError, read_bundle
 from .runtimes import RUNTIMES
-
-
-def environment(threads: int | None) -> dict:
-    """Where this ran: CPU, cores, RAM, OS, Python and library versions, and a Pi's throttling state."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        info = dict(
-            (k.strip().lower(), v.strip()) for k, v in (l.split(":", 1) for l in Path("/proc/cpuinfo").read_text().splitlines() if ":" in l)
-        )
-        # x86 names the CPU in "model name"; a Raspberry Pi names the board in "Model".
-        cpu = info.get("model name") or info.get("model") or info.get("hardware") or cpu
-    except OSError:
-        pass
-    ram_mb = None
-    try:
-        ram_mb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) / 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    env = {
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_mb": ram_mb,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "threads": threads,
-    }
-    if shutil.which("vcgencmd"):
-        try:
-            env["throttled"] = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            env["throttled"] = "unknown"
-    return env
 
 
 def run_child(bundle: Path, file: str, settings: dict) -> dict:
@@ -86,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m device_bench", description=__doc__.splitlines()[0])
     p.add_argument("bundle", type=Path)
     p.add_argument("--format", default=",".join(FORMATS), help="comma-separated formats to measure (default: all)")
-    p.add_argument("--precision", default=",".join(PRECISIONS), help="comma-separated precisions (default: all in the bundle)")
+    p.add_argument("--precision", default=",".join(FILE_PRECISIONS), help="comma-separated precisions (default: all in the bundle)")
     p.add_argument("--runtime", choices=list(RUNTIMES), default=None, help="force one runtime")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     p.add_argument("--warmup", type=int, default=5)
@@ -121,33 +83,13 @@ def select_files(bundle, formats: list[str], precisions: list[str]) -> list[dict
             raise BundleError(f"unknown format {f!r}: choose from {', '.join(FORMATS)}")
     have = {(e["format"], e["precision"]) for e in bundle.files}
     for p in precisions:
-        if p not in PRECISIONS:
-            raise BundleError(f"unknown precision {p!r}: choose from {', '.join(PRECISIONS)}")
+        if p not in FILE_PRECISIONS:
+            raise BundleError(f"unknown precision {p!r}: choose from {', '.join(FILE_PRECISIONS)}")
     chosen = [e for e in bundle.files if e["format"] in formats and e["precision"] in precisions]
     if not chosen:
         listed = ", ".join(f"{f} {p}" for f, p in sorted(have))
         raise BundleError(f"the bundle has no {'/'.join(formats)} file at {'/'.join(precisions)} (it has: {listed}): export it first")
     return chosen
-
-
-def table(result: dict) -> str:
-    head = f"{'Format':<7} {'Precision':<9} {'Runtime':<14} {'Status':<6} {'Size KB':>8} {'Init ms':>8} {'Batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'items/s':>9} {'Peak RSS MB':>11} {'P@1':>6} {'cos golden':>10}"
-    lines = [head]
-    for row in result["rows"]:
-        mark = "✅" if row["status"] == "ok" else "❌"
-        base = f"{row.get('format', '?'):<7} {row.get('precision', '?'):<9} {row.get('runtime', '-'):<14} {mark:<5} {row.get('size_bytes', 0) / 1024:8.1f}"
-        if row["status"] != "ok":
-            lines.append(f"{base} {row.get('error', '')}")
-            continue
-        for lat in row["latency"]:
-            lines.append(
-                f"{base} {row['init_ms']:8.1f} {lat['batch']:>5} {lat['p50_ms']:8.3f} {lat['p90_ms']:8.3f} {lat['p99_ms']:8.3f} "
-                f"{lat['items_per_s']:9.1f} {row['memory']['peak_rss_mb']:11.1f} {row['accuracy']['precision_at_1']:6.4f} "
-                f"{row['golden']['min_cosine']:10.6f}"
-            )
-        for g in row["gallery"]:
-            lines.append(f"{'':<7} gallery {g['size']:>8} x {g['precision']}: {g['bytes'] / 2**20:.2f} MB, 1:N search p50 {g['p50_ms']:.3f} ms")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,29 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         row.setdefault("precision", entry["precision"])
         row.setdefault("size_bytes", entry["size_bytes"])
         rows.append(row)
-    manifest = bundle.manifest
-    result = {
-        "schema_version": BENCH_SCHEMA_VERSION,
-        "target": {"name": os.environ.get("DEVICE_BENCH_TARGET", "local"), "emulated": bool(os.environ.get("DEVICE_BENCH_EMULATED"))},
-        "bundle": {
-            "path": str(args.bundle),
-            "manifest_sha256": sha256_file(args.bundle / MANIFEST),
-            "loss": manifest["training"]["loss"],
-            "embedding_dim": manifest["embedding"]["dim"],
-            "distance": manifest["embedding"]["distance"],
-        },
-        "settings": settings,
-        "environment": environment(args.threads),
-        "rows": rows,
-    }
-    validate_result(result)
+    target = {"name": os.environ.get("DEVICE_BENCH_TARGET", "local"), "emulated": bool(os.environ.get("DEVICE_BENCH_EMULATED"))}
+    result = result_document(target, bundle, settings, rows)
     if args.json:
         tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, args.json)
     if not args.quiet:
         print(table(result))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(r["status"] == "verified" for r in rows) else 1
 
 
 if __name__ == "__main__":

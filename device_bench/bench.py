@@ -15,55 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .embedder import Gallery, preprocess
-from .manifest import NUMBER, BundleError, check_schema, read_bundle
+from .embedder import Gallery
+from .manifest import read_bundle
 from .metrics import embedding_agreement, retrieval_metrics
 from .runtimes import open_runtime
 
-BENCH_SCHEMA_VERSION = 1
-# The JSON document's schema (docs/bench-schema.md): dicts list required keys, tuples allowed types.
-LATENCY = {"runs": (int,), "p50_ms": NUMBER, "p90_ms": NUMBER, "p99_ms": NUMBER, "mean_ms": NUMBER, "std_ms": NUMBER, "items_per_s": NUMBER}
-ROW_FAILED = {"file": (str,), "format": (str,), "precision": (str,), "size_bytes": (int,), "status": (str,), "error": (str,)}
-ROW_OK = {
-    "file": (str,),
-    "format": (str,),
-    "precision": (str,),
-    "size_bytes": (int,),
-    "status": (str,),
-    "runtime": (str,),
-    "runtime_version": (str,),
-    "init_ms": NUMBER,
-    "first_inference_ms": NUMBER,
-    "golden": {"min_cosine": NUMBER, "required_min_cosine": NUMBER, "preprocessing_max_abs_diff": NUMBER},
-    "latency": (list,),
-    "memory": {"rss_mb": NUMBER, "peak_rss_mb": NUMBER, "rss_increase_mb": NUMBER, "baseline_rss_mb": NUMBER, "peak_rss_with_eval_and_gallery_mb": NUMBER},
-    "accuracy": {"num_samples": (int,), "precision_at_1": NUMBER, "mean_average_precision_at_r": NUMBER, "tar_at_far_1e-3": NUMBER},
-    "gallery": (list,),
-}
-RESULT = {
-    "schema_version": (int,),
-    "target": {"name": (str,), "emulated": (bool,)},
-    "bundle": {"path": (str,), "manifest_sha256": (str,), "loss": (str,), "embedding_dim": (int,), "distance": (str,)},
-    "settings": {"runtime": (str, type(None)), "threads": (int, type(None)), "batch": (list,), "warmup": (int,), "runs": (int, type(None)), "min_seconds": (float, int, type(None)), "gallery": (list,)},
-    "environment": {"machine": (str,), "cpu": (str,), "cores": (int, type(None)), "ram_mb": (float, int, type(None)), "os": (str,), "python": (str,), "numpy": (str,), "threads": (int, type(None))},
-    "rows": (list,),
-}
-
-
-def validate_result(result: dict) -> dict:
-    """Check a ``python -m device_bench`` JSON document against its schema; return it."""
-    check_schema(result, RESULT)
-    if result["schema_version"] != BENCH_SCHEMA_VERSION:
-        raise BundleError(f"benchmark schema version {result['schema_version']} is not {BENCH_SCHEMA_VERSION}")
-    for i, row in enumerate(result["rows"]):
-        check_schema(row, ROW_OK if row.get("status") == "ok" else ROW_FAILED, f"rows[{i}]")
-        if row["status"] not in ("ok", "failed"):
-            raise BundleError(f"rows[{i}].status must be ok or failed, got {row['status']!r}")
-        for j, lat in enumerate(row.get("latency", [])):
-            check_schema(lat, {"batch": (int,), **LATENCY}, f"rows[{i}].latency[{j}]")
-        for j, gal in enumerate(row.get("gallery", [])):
-            check_schema(gal, {"size": (int,), "precision": (str,), "bytes": (int,), **LATENCY}, f"rows[{i}].gallery[{j}]")
-    return result
 GOLDEN_SLACK = 1e-3  # a file may fall this far below the min cosine export measured (float32 vs float64, runtimes)
 
 
@@ -87,7 +43,7 @@ def eval_accuracy(bundle, model) -> dict:
     """``model`` (an opened runtime) on the bundle's eval.npz: the retrieval metrics a row reports."""
     eval_set = bundle.eval_set()
     embedding = bundle.manifest["embedding"]
-    emb = model.run(preprocess(eval_set["images"], bundle.manifest["preprocessing"]))
+    emb = model.run(bundle.preprocessing(eval_set["images"]))
     metrics = retrieval_metrics(emb, eval_set["labels"], embedding["distance"], embedding["distance_weights"], episodes=200)
     return {k: metrics[k] for k in ACCURACY}
 
@@ -164,7 +120,7 @@ def bench_file(
     weights = embedding["distance_weights"]
     check = embedding_agreement(golden_out, golden["embeddings"], None, embedding["distance"], weights)
     bar = entry["fidelity"]["min_cosine"] - GOLDEN_SLACK
-    preprocessed = preprocess(golden["images"], bundle.manifest["preprocessing"])
+    preprocessed = bundle.preprocessing(golden["images"])
     row["golden"] = {
         "min_cosine": check["min_cosine"],
         "required_min_cosine": bar,
@@ -201,7 +157,7 @@ def bench_file(
         times = _timed_runs(lambda: store.search(query, 1), max(1, warmup), runs or 20, None)
         row["gallery"].append({"size": n, "precision": precision, "bytes": store.nbytes, **latency_stats(times, 1)})
     row["memory"]["peak_rss_with_eval_and_gallery_mb"] = memory_mb()["peak_rss_mb"]
-    row["status"] = "ok"
+    row["status"] = "verified"
     return row
 
 

@@ -14,28 +14,6 @@ from .manifest import Bundle, BundleError, read_bundle
 from .metrics import pairwise_distances, rowwise_distances
 from .runtimes import open_runtime
 
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def preprocess(images: np.ndarray, pre: dict) -> np.ndarray:
-    """Raw images (N, H, W[, C]) -> the model's float32 NCHW input, as the manifest's ``preprocessing`` says."""
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise BundleError(f"images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
-    height, width = pre["resize"]
-    if x.shape[1:3] != (height, width):
-        raise BundleError(f"images are {x.shape[1]}x{x.shape[2]} but the model takes {height}x{width}: resize them first")
-    x = x.astype(np.float32)
-    if pre["channels"] == 1 and x.shape[3] == 3:
-        x = (x @ LUMA)[..., None]
-    if x.shape[3] != pre["channels"]:
-        raise BundleError(f"images have {x.shape[3]} channel(s) but the model takes {pre['channels']}")
-    x = (x * np.float32(pre["scale"]) - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
 class Embedder:
     """Load a bundle (sha256-checked) and one of its model files; embed, compare and verify images.
 
@@ -46,6 +24,7 @@ class Embedder:
     def __init__(self, bundle: str | Path | Bundle, file: str | None = None, runtime: str | None = None, threads: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(Path(bundle))
         self.entry, self.runtime = self._open(file, runtime, threads)
+        self.preprocessing = self.bundle.preprocessing
         embedding = self.bundle.manifest["embedding"]
         self.distance_name = embedding["distance"]
         weights = embedding["distance_weights"]
@@ -71,7 +50,7 @@ class Embedder:
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Raw images (N, H, W[, C]) -> (N, dim) float32 embeddings."""
-        return self.runtime.run(preprocess(images, self.bundle.manifest["preprocessing"]))
+        return self.runtime.run(self.preprocessing(images))
 
     def distance(self, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
         """Row-wise distance between two (N, dim) sets of embeddings, with the manifest's distance."""

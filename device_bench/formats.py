@@ -1,4 +1,6 @@
-"""The one table of export formats: it drives the exporter, the checks, the bundle and the report rows."""
+"""The tables every layer reads: export formats, precisions (with their fidelity tolerances) and
+the status words of a row. The exporter, the bundle, device_bench, the targets, compare's report
+and the docs all name things as these tables do."""
 
 from __future__ import annotations
 
@@ -7,19 +9,49 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Format:
-    name: str
     suffix: str
     precisions: tuple[str, ...]
     runtimes: tuple[str, ...]  # the runtimes that can run it, preferred first
+    metadata: str  # where the model metadata goes in the file
 
 
 FORMATS: dict[str, Format] = {
-    "onnx": Format("onnx", ".onnx", ("fp32", "fp16", "int8"), ("onnxruntime",)),
-    "tflite": Format("tflite", ".tflite", ("fp32", "fp16", "int8"), ("litert", "tflite-runtime")),
+    "onnx": Format(".onnx", ("fp32", "fp16", "int8"), ("onnxruntime",), "ModelProto.metadata_props"),
+    "tflite": Format(".tflite", ("fp32", "fp16", "int8"), ("litert", "tflite-runtime"), "Model.metadata (one buffer per key)"),
 }
-PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How values are stored and how close a file of this precision must stay to the trained model."""
+
+    bytes_per_value: int
+    min_mean_cosine: float  # mean cosine to the PyTorch fp32 embeddings, at least
+    max_precision_at_1_drop: float  # points of precision_at_1 lost, at most
+    max_abs_diff: float | None  # largest |difference| of an embedding component, at most
+
+
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision(4, 1 - 1e-6, 0.0, 1e-4),
+    "fp16": Precision(2, 0.999, 0.01, None),
+    "bf16": Precision(2, 0.995, 0.01, None),  # the cuda target's autocast-free bf16 model; no file format holds it
+    "int8": Precision(1, 0.995, 0.01, None),
+}
+
+# One vocabulary for every row: an exported file, a benchmark row, a compare table row.
+STATUSES: dict[str, str] = {
+    "reference": "the trained PyTorch model every other row is checked against",
+    "verified": "ran in its runtime and matched the trained model within its precision's tolerances",
+    "degraded": "ran, but missed a tolerance; kept only with --allow-degraded",
+    "failed": "could not be exported, or failed its golden check; the row says why",
+    "not_measured": "not run here (no such runtime or device); the row says why",
+}
 
 
 def file_name(fmt: str, precision: str) -> str:
     """The bundle's name for a model file, e.g. ``model_int8.onnx``."""
     return f"model_{precision}{FORMATS[fmt].suffix}"
+
+
+# The precisions a model file can have (bf16 is the cuda target's alone).
+FILE_PRECISIONS: tuple[str, ...] = tuple(dict.fromkeys(p for f in FORMATS.values() for p in f.precisions))

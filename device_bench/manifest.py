@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import FORMATS, PRECISIONS
+from .errors import BundleError
+from .formats import FORMATS
+from .preprocessing import Preprocessing
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-STATUSES = ("verified", "degraded")
+FILE_STATUSES = ("verified", "degraded")  # formats.STATUSES' words for a file a bundle holds
 
 # The schema: a dict gives the required keys of an object, a tuple the types a value may take.
 NUMBER = (int, float)
@@ -51,10 +53,8 @@ SCHEMA = {
     "preprocessing": {
         "raw_range": (list,),
         "resize": (list,),
-        "resize_method": (str,),
         "grey_conversion": (str,),
         "channels": (int,),
-        "color": (str,),
         "scale": NUMBER,
         "mean": (list,),
         "std": (list,),
@@ -72,10 +72,6 @@ SCHEMA = {
     "golden": DATA_FILE,
     "files": (list,),
 }
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used as it is; the message says what is wrong and what to do."""
 
 
 def schema_paths(schema: dict, prefix: str = "") -> set[str]:
@@ -118,7 +114,7 @@ def validate_manifest(manifest: dict) -> dict:
         raise BundleError("manifest lists no model files")
     for i, entry in enumerate(manifest["files"]):
         check_schema(entry, FILE, f"files[{i}]")
-        if entry["format"] not in FORMATS or entry["precision"] not in PRECISIONS or entry["status"] not in STATUSES:
+        if entry["format"] not in FORMATS or entry["precision"] not in FORMATS[entry["format"]].precisions or entry["status"] not in FILE_STATUSES:
             raise BundleError(f"files[{i}] has an unknown format, precision or status: {entry['format']}, {entry['precision']}, {entry['status']}")
     return manifest
 
@@ -139,6 +135,10 @@ class Bundle:
 
     path: Path
     manifest: dict
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.manifest["preprocessing"])
 
     @property
     def files(self) -> list[dict]:

@@ -15,8 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from device_bench.preprocessing import Preprocessing
+
 from .config import TrainConfig
-from .data import Preprocessing
 from .errors import UserError
 from .files import atomic_path
 from .losses import create_loss
@@ -42,7 +43,7 @@ class Run:
 def build(config: TrainConfig, preprocessing: Preprocessing) -> tuple[EmbeddingNet, nn.Module]:
     """The model and the loss a config describes (with fresh weights)."""
     model = create_model(
-        config.backbone, preprocessing.channels, preprocessing.input_size, config.embedding_dim, config.resolved_head
+        config.backbone, preprocessing.channels, preprocessing.resize, config.embedding_dim, config.resolved_head
     )
     return model, create_loss(config.loss, config.embedding_dim, config.margin)
 

@@ -1,18 +1,17 @@
-"""Datasets, preprocessing, seeded splits and the class-balanced P x K batch sampler.
+"""Datasets, seeded splits and the class-balanced P x K batch sampler.
 
-Images are held as loaded, ``(N, H, W, C)``, with a ``scale`` that maps them to [0, 1].
-``Preprocessing`` (saved in every run's config) turns them into the model's ``(N, C, H, W)``
-float32 input; a device applies the same steps. Nothing here downloads anything.
+Images are held as loaded, ``(N, H, W, C)``, with a ``scale`` that maps them to [0, 1];
+``device_bench.preprocessing.Preprocessing`` turns them into the model's input, on the device as
+in training. Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 from .errors import UserError
@@ -36,41 +35,6 @@ class ImageSet:
     @property
     def channels(self) -> int:
         return int(self.images.shape[3])
-
-
-@dataclass
-class Preprocessing:
-    """``x = (raw * scale - mean[c]) / std[c]``, then NHWC -> NCHW, float32.
-
-    ``input_size`` is (H, W): a device resizes its images to it before these steps.
-    """
-
-    input_size: tuple[int, int]
-    channels: int
-    scale: float
-    mean: list[float]
-    std: list[float]
-    layout: str = "NCHW"
-
-    @classmethod
-    def fit(cls, images: np.ndarray, scale: float) -> "Preprocessing":
-        """Per-channel mean and std of ``images`` (the training split) after scaling."""
-        x = images.astype(np.float64) * scale
-        mean = x.mean(axis=(0, 1, 2))
-        std = np.maximum(x.std(axis=(0, 1, 2)), 1e-6)
-        return cls((int(images.shape[1]), int(images.shape[2])), int(images.shape[3]), float(scale), mean.tolist(), std.tolist())
-
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        x = images.astype(np.float32) * np.float32(self.scale)
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(**{**d, "input_size": tuple(d["input_size"])})
 
 
 def _check_classes(labels: np.ndarray, class_names: list[str], source: str) -> None:

@@ -1,4 +1,6 @@
-"""Distances between embeddings, one small class each (pytorch-metric-learning's idea, not its API).
+"""Distances between embeddings, one small class each (pytorch-metric-learning's idea, not its API),
+and ``DISTANCES``, the table of them by the name a device reads (``embedding.distance`` in the
+manifest; ``device_bench.metrics`` computes each the same way in numpy).
 
 Every distance is "smaller is more similar" and has two forms:
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +37,10 @@ class BaseDistance(nn.Module):
 
     def pairwise(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def weights_array(self) -> np.ndarray | None:
+        """The weights a device needs for this distance (the manifest's ``distance_weights``), or None."""
+        return None
 
 
 class SquaredEuclideanDistance(BaseDistance):
@@ -100,6 +107,9 @@ class WeightedL1Distance(L1Distance):
     def pairwise(self, x, y):
         return super().pairwise(x * self.weights, y * self.weights)
 
+    def weights_array(self) -> np.ndarray:
+        return self.weights.detach().cpu().numpy()
+
 
 class CosineDistance(BaseDistance):
     """``d(x, y) = 1 - x.y / (||x|| ||y||)``."""
@@ -119,29 +129,23 @@ class ShadowDistance(BaseDistance):
 
     The shadow of ``x`` on anchor ``a`` is its scalar projection ``s_x = a.x / ||a||``;
     ``d(a, x) = | ||a|| - s_x |``, how far that shadow falls from the anchor's own length.
-    Not symmetric: row i of the matrix form is anchor i. With ``normalize=True`` both are
-    L2-normalised first, so that ``d(a, x) = 1 - cos(a, x)``.
+    Not symmetric: row i of the matrix form is anchor i. On the unit sphere it is
+    ``1 - cos(a, x)``, the ``CosineDistance``.
     """
 
-    def __init__(self, normalize: bool = True):
-        super().__init__()
-        self.normalize = normalize
-        # Normalised, it is exactly the cosine distance: the name a device looks up.
-        self.name = "cosine" if normalize else "shadow"
-
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x / _l2_norm(x)[..., None] if self.normalize else x
+    name = "shadow"
 
     def forward(self, embeddings, ref_emb=None):
-        anchors = self._prepare(embeddings)
-        ref = anchors if ref_emb is None else self._prepare(ref_emb)
-        norm = _l2_norm(anchors)
-        shadows = (anchors @ ref.T) / norm[:, None]
+        ref = embeddings if ref_emb is None else ref_emb
+        norm = _l2_norm(embeddings)
+        shadows = (embeddings @ ref.T) / norm[:, None]
         return (norm[:, None] - shadows).abs()
 
     def pairwise(self, x, y):
-        anchors, others = self._prepare(x), self._prepare(y)
-        norm = _l2_norm(anchors)
-        return (norm - (anchors * others).sum(-1) / norm).abs()
+        norm = _l2_norm(x)
+        return (norm - (x * y).sum(-1) / norm).abs()
 
 
+DISTANCES: dict[str, type[BaseDistance]] = {
+    cls.name: cls for cls in (EuclideanDistance, SquaredEuclideanDistance, CosineDistance, L1Distance, WeightedL1Distance, ShadowDistance)
+}

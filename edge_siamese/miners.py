@@ -7,6 +7,9 @@ the batch (the exact O(B^2) batch-all), which is the training default (``--miner
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -70,15 +73,26 @@ class BatchHardMiner(nn.Module):
         return anchors, hardest_p[anchors], hardest_n[anchors]
 
 
-MINERS = ("batch-all", "all", "easy", "semihard", "hard", "batch-hard")
+@dataclass(frozen=True)
+class MinerSpec:
+    """``build(margin, distance)``: the miner on the loss's margin and distance (None: no miner)."""
+
+    build: Callable[[float, BaseDistance], nn.Module | None]
+    summary: str
+
+
+MINERS: dict[str, MinerSpec] = {
+    "batch-all": MinerSpec(lambda margin, distance: None, "every valid triplet, exactly, in O(B^2) (no miner)"),
+    **{
+        kind: MinerSpec(lambda margin, distance, kind=kind: TripletMarginMiner(margin, kind, distance), f"TripletMarginMiner, type_of_triplets={kind!r}")
+        for kind in TripletMarginMiner.TYPES
+    },
+    "batch-hard": MinerSpec(lambda margin, distance: BatchHardMiner(distance), "per anchor its farthest positive and nearest negative"),
+}
 
 
 def create_miner(name: str, margin: float, distance: BaseDistance) -> nn.Module | None:
     """The miner called ``name`` on the loss's own distance; ``None`` for ``batch-all`` (no miner)."""
-    if name == "batch-all":
-        return None
-    if name == "batch-hard":
-        return BatchHardMiner(distance)
-    if name in TripletMarginMiner.TYPES:
-        return TripletMarginMiner(margin, name, distance)
-    raise UserError(f"unknown miner {name!r}: choose one of {', '.join(MINERS)}")
+    if name not in MINERS:
+        raise UserError(f"unknown miner {name!r}: choose one of {', '.join(MINERS)}")
+    return MINERS[name].build(margin, distance)

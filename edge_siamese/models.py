@@ -7,6 +7,7 @@ TFLite as it is: no data-dependent control flow, and the L2 head is ``x / norm.c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,7 +15,6 @@ from torch import nn
 
 from .errors import UserError
 
-HEADS = ("l2", "sigmoid", "none")
 MIN_DIM, MAX_DIM = 2, 1024
 MIN_INPUT = 8
 
@@ -59,30 +59,57 @@ def mobilenet(in_channels: int, input_size: tuple[int, int]) -> tuple[nn.Module,
     return nn.Sequential(*layers), width
 
 
-BACKBONES: dict[str, Callable[[int, tuple[int, int]], tuple[nn.Module, int]]] = {
-    "convnet": convnet,
-    "mobilenet": mobilenet,
+@dataclass(frozen=True)
+class Backbone:
+    """``build(in_channels, input_size) -> (features, width)``: a feature extractor and its output channels."""
+
+    build: Callable[[int, tuple[int, int]], tuple[nn.Module, int]]
+    summary: str
+
+
+BACKBONES: dict[str, Backbone] = {
+    "convnet": Backbone(convnet, "compact CNN for 8x8 to 32x32"),
+    "mobilenet": Backbone(mobilenet, "depthwise-separable"),
+}
+
+
+class L2Normalize(nn.Module):
+    """``x / ||x||``, written as ``x / norm.clamp_min(eps)`` so that it exports and quantizes."""
+
+    def __init__(self, eps: float = 1e-12):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(self.eps)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The output head: ``module()`` maps the embedding layer's output to the embedding."""
+
+    module: Callable[[], nn.Module]
+    l2_normalized: bool  # every embedding has norm 1 (the manifest's ``embedding.l2_normalized``)
+
+
+HEADS: dict[str, Head] = {
+    "l2": Head(L2Normalize, True),
+    "sigmoid": Head(nn.Sigmoid, False),
+    "none": Head(nn.Identity, False),
 }
 
 
 class EmbeddingNet(nn.Module):
-    """``(B, C, H, W)`` float32 -> ``(B, embedding_dim)`` embeddings."""
+    """``(B, C, H, W)`` float32 -> ``(B, embedding_dim)`` embeddings: features, global average pool, linear, head."""
 
-    def __init__(self, features: nn.Module, width: int, embedding_dim: int, head: str, eps: float = 1e-12):
+    def __init__(self, features: nn.Module, width: int, embedding_dim: int, head: str):
         super().__init__()
         self.features = features
         self.embed = nn.Linear(width, embedding_dim)
-        self.head = head
-        self.eps = eps
+        self.head = HEADS[head].module()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x).mean(dim=(2, 3))
-        x = self.embed(x)
-        if self.head == "l2":
-            return x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(self.eps)
-        if self.head == "sigmoid":
-            return torch.sigmoid(x)
-        return x
+        return self.head(self.embed(self.features(x).mean(dim=(2, 3))))
 
 
 def create_model(
@@ -97,7 +124,7 @@ def create_model(
         raise UserError(f"embedding dim {embedding_dim} is out of range: use {MIN_DIM} to {MAX_DIM}")
     if min(input_size) < MIN_INPUT:
         raise UserError(f"input size {input_size[0]}x{input_size[1]} is too small: images must be at least {MIN_INPUT}x{MIN_INPUT}")
-    features, width = BACKBONES[name](in_channels, input_size)
+    features, width = BACKBONES[name].build(in_channels, input_size)
     return EmbeddingNet(features, width, embedding_dim, head)
 
 

@@ -8,81 +8,24 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from device_bench.bench import memory_mb, reset_peak_rss
-from device_bench.metrics import retrieval_metrics
 
 from . import __version__
 from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
-from .config import TrainConfig, check_device
-from .data import ImageSet, PKSampler, Preprocessing, load_dataset, split_dataset
+from .config import TrainConfig
+from .data import PKSampler
 from .errors import UserError
+from .evaluate import resolve_device, validation_metrics
 from .files import check_replaceable, write_json
 from .miners import create_miner
-from .models import embed
 from .plots import plot_training_curves
 from .progress import progress_bar
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is a user error."""
-    if check_device(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available (torch {torch.__version__}, no GPU found): use --device cpu or auto")
-    return torch.device(name)
-
-
-@dataclass
-class PreparedData:
-    """A dataset split and preprocessed as a config says."""
-
-    dataset: ImageSet
-    splits: dict[str, np.ndarray]
-    preprocessing: Preprocessing
-
-    def inputs(self, split: str) -> torch.Tensor:
-        return self.preprocessing(self.dataset.images[self.splits[split]])
-
-    def labels(self, split: str) -> np.ndarray:
-        return self.dataset.labels[self.splits[split]]
-
-
-def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None) -> PreparedData:
-    """Load and split the dataset; fit the preprocessing on the training split unless one is given."""
-    dataset = load_dataset(config.dataset)
-    splits = split_dataset(dataset.labels, config.split, config.test_fraction, config.val_fraction, config.split_seed)
-    for name in ("train", "val", "test"):
-        _, counts = np.unique(dataset.labels[splits[name]], return_counts=True)
-        if len(counts) < 2 or counts.max() < 2:  # what retrieval metrics need: a query with a same-class neighbour
-            raise UserError(
-                f"the {name} split of {config.dataset} has {counts.sum()} images in {len(counts)} classes, too few to measure "
-                "retrieval (it needs 2 classes, one with 2 images): use a larger dataset or other fractions"
-            )
-    if preprocessing is None:
-        preprocessing = Preprocessing.fit(dataset.images[splits["train"]], dataset.scale)
-    elif (preprocessing.input_size, preprocessing.channels) != (dataset.input_size, dataset.channels):
-        raise UserError(
-            f"{config.dataset} now holds {dataset.input_size} images with {dataset.channels} channel(s), "
-            f"but the run was trained on {preprocessing.input_size} with {preprocessing.channels}"
-        )
-    return PreparedData(dataset, splits, preprocessing)
-
-
-def retrieval_distance(loss) -> tuple[str, np.ndarray | None]:
-    """The distance a loss trains, as the device names it, and its weights (Koch's learned L1)."""
-    weights = loss.weights.detach().cpu().numpy() if hasattr(loss, "weights") else None
-    return loss.distance.name, weights
-
-
-def validation_metrics(model, loss, inputs: torch.Tensor, labels: np.ndarray, **kwargs) -> dict:
-    """Every retrieval metric of ``inputs`` under the distance the loss trains."""
-    return retrieval_metrics(embed(model, inputs).numpy(), labels, *retrieval_distance(loss), **kwargs)
+from .run import prepare_data
 
 
 def peak_memory_mb(device: torch.device) -> dict:

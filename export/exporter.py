@@ -1,8 +1,9 @@
 """``edge-siamese export``: a trained run -> model files in each format and precision, each checked
 against the PyTorch model on held-out images, in one self-describing bundle.
 
-Driven by ``device_bench.formats.FORMATS``; each (format, precision) is one row with a status,
-so that a failure in one row does not lose the others.
+Driven by the tables of ``device_bench.formats``: each format's writers (``WRITERS``), each
+precision's tolerances (``PRECISIONS``). Each (format, precision) is one row with a status, so
+that a failure in one row does not lose the others.
 """
 
 from __future__ import annotations
@@ -17,29 +18,31 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from device_bench.formats import FORMATS, PRECISIONS, file_name
+from device_bench.formats import FILE_PRECISIONS, FORMATS, PRECISIONS, file_name
 from device_bench.manifest import MANIFEST, SCHEMA_VERSION
 from device_bench.metrics import embedding_agreement
+from device_bench.preprocessing import INPUT_LAYOUT
 from device_bench.runtimes import open_runtime
 from edge_siamese import __version__
 from edge_siamese.checkpoints import METRICS, load_run
 from edge_siamese.errors import UserError
+from edge_siamese.evaluate import validation_metrics
 from edge_siamese.files import check_replaceable
-from edge_siamese.models import embed
+from edge_siamese.models import HEADS, embed
 from edge_siamese.progress import progress_bar
-from edge_siamese.train import prepare_data, retrieval_distance, validation_metrics
+from edge_siamese.run import prepare_data
 
 from . import bundle
 from . import onnx as onnx_export
 from . import tflite as tflite_export
+from .job import CALIB_SAMPLES, ExportJob
 
+# One writer module per entry of FORMATS; each has EXPORTS, a writer per precision of its format.
+WRITERS = {"onnx": onnx_export, "tflite": tflite_export}
 MIN_CALIB_SAMPLES = 16
 FIDELITY_SAMPLES = 500  # held-out test images for the checks (and eval.npz)
 GOLDEN_SAMPLES = 8
-# (mean cosine at least, precision_at_1 drop at most, max |diff| at most) per precision.
-TOLERANCES = {"fp32": (1 - 1e-6, 0.0, 1e-4), "fp16": (0.999, 0.01, None), "int8": (0.995, 0.01, None)}
 
 
 @dataclass
@@ -54,15 +57,15 @@ class Row:
 
 def check_fidelity(precision: str, fid: dict) -> str:
     """'' when the exported file is faithful enough for its precision, else what is off."""
-    min_mean_cos, max_p1_drop, max_diff = TOLERANCES[precision]
+    tolerance = PRECISIONS[precision]
     problems = []
-    if fid["mean_cosine"] < min_mean_cos:
-        problems.append(f"mean cosine {fid['mean_cosine']:.5f} < {min_mean_cos}")
+    if fid["mean_cosine"] < tolerance.min_mean_cosine:
+        problems.append(f"mean cosine {fid['mean_cosine']:.5f} < {tolerance.min_mean_cosine}")
     drop = fid["reference_precision_at_1"] - fid["precision_at_1"]
-    if drop > max_p1_drop + 1e-12:
+    if drop > tolerance.max_precision_at_1_drop + 1e-12:
         problems.append(f"precision_at_1 {fid['precision_at_1']:.4f} is {drop:.4f} below PyTorch's")
-    if max_diff is not None and fid["max_abs_diff"] > max_diff:
-        problems.append(f"max |diff| {fid['max_abs_diff']:.2e} > {max_diff}")
+    if tolerance.max_abs_diff is not None and fid["max_abs_diff"] > tolerance.max_abs_diff:
+        problems.append(f"max |diff| {fid['max_abs_diff']:.2e} > {tolerance.max_abs_diff}")
     return "; ".join(problems)
 
 
@@ -86,29 +89,20 @@ def _converter_output_silenced():
         os.close(saved[1])
 
 
-def _export_file(fmt: str, precision: str, run, example: torch.Tensor, calibration: np.ndarray, folder: Path, metadata: dict) -> None:
-    path, fp32 = folder / file_name(fmt, precision), folder / file_name(fmt, "fp32")
-    module = onnx_export if fmt == "onnx" else tflite_export
-    extra = (metadata,) if fmt == "onnx" else ()
-    if precision == "fp32":
-        module.export_fp32(run.model, example, path, *extra)
-    elif precision == "fp16":
-        module.export_fp16(fp32, path, *extra)
-    else:
-        module.export_int8(fp32, path, calibration, *extra)
+def default_formats() -> list[str]:
+    """ONNX, plus TFLite when its extra is installed."""
+    try:
+        tflite_export.require_extra()
+        return ["onnx", "tflite"]
+    except UserError:
+        return ["onnx"]
 
 
-def parse_formats(formats: str | None) -> list[str]:
-    """The formats asked for; by default ONNX, plus TFLite when its extra is installed."""
-    if formats is None:
-        try:
-            tflite_export.require_extra()
-            return ["onnx", "tflite"]
-        except UserError:
-            return ["onnx"]
-    names = list(dict.fromkeys(f.strip() for f in formats.split(",") if f.strip()))
+def check_formats(names: list[str]) -> list[str]:
+    """``names`` without repeats, each a format of FORMATS whose writer can run here; else a UserError."""
+    names = list(dict.fromkeys(names))
     if not names:
-        raise UserError(f"--format names no format: choose from {', '.join(FORMATS)}")
+        raise UserError(f"no format given: choose from {', '.join(FORMATS)}")
     for name in names:
         if name not in FORMATS:
             raise UserError(f"unknown format {name!r}: choose from {', '.join(FORMATS)}")
@@ -117,12 +111,17 @@ def parse_formats(formats: str | None) -> list[str]:
     return names
 
 
+def parse_formats(text: str | None) -> list[str]:
+    """A ``--format`` value (comma-separated; None: ``default_formats()``)."""
+    return default_formats() if text is None else check_formats([f.strip() for f in text.split(",") if f.strip()])
+
+
 def export_run(
     run_dir: Path,
     out: Path,
     formats: list[str],
     precisions: list[str],
-    calib_samples: int = 256,
+    calib_samples: int = CALIB_SAMPLES,
     calib_data: str | None = None,
     force: bool = False,
     make_zip: bool = False,
@@ -131,8 +130,8 @@ def export_run(
 ) -> tuple[list[Row], Path | None]:
     """Export, check and bundle; return the rows and the bundle path (None when nothing was written)."""
     for p in precisions:
-        if p not in PRECISIONS:
-            raise UserError(f"unknown precision {p!r}: choose from {', '.join(PRECISIONS)}")
+        if p not in FILE_PRECISIONS:
+            raise UserError(f"unknown precision {p!r}: choose from {', '.join(FILE_PRECISIONS)}")
     if calib_samples < MIN_CALIB_SAMPLES:
         raise UserError(f"--calib-samples {calib_samples} is too few: use at least {MIN_CALIB_SAMPLES}")
     check_replaceable(out, MANIFEST, force, ", or --out to write elsewhere")
@@ -146,18 +145,18 @@ def export_run(
     if len(train_idx) < calib_samples:
         raise UserError(f"--calib-samples {calib_samples} is more than the {len(train_idx)} training images: lower it")
     rng = np.random.default_rng(0)  # only the chosen images are preprocessed, not whole splits
-    calibration = data.preprocessing(data.dataset.images[train_idx[np.sort(rng.choice(len(train_idx), calib_samples, replace=False))]]).numpy()
-    test_idx = data.splits["test"][: FIDELITY_SAMPLES]
-    test_x, test_y = data.preprocessing(data.dataset.images[test_idx]), data.dataset.labels[test_idx]
+    calibration = data.inputs("train", np.sort(rng.choice(len(train_idx), calib_samples, replace=False))).numpy()
+    held_out = slice(0, FIDELITY_SAMPLES)
+    test_x, test_y = data.inputs("test", held_out), data.labels("test", held_out)
 
-    distance, weights = retrieval_distance(run.loss)
+    distance, weights = run.loss.distance.name, run.loss.distance.weights_array()
     reference = embed(run.model, test_x).numpy()
     metrics_path = run.path / METRICS  # training's final validation metrics, thresholds included
     final = json.loads(metrics_path.read_text())["final"] if metrics_path.exists() else {
         f"val_{k}": v for k, v in validation_metrics(run.model, run.loss, data.inputs("val"), data.labels("val")).items()
     }
 
-    manifest = _manifest(run, distance, weights, final)
+    manifest = _manifest(run, final)
     metadata = {
         "edge_siamese.schema_version": str(SCHEMA_VERSION),
         "edge_siamese.toolkit_version": __version__,
@@ -166,6 +165,7 @@ def export_run(
     }
 
     tmp = bundle.staging_dir(out)
+    job = ExportJob(run.model, test_x, calibration, metadata, tmp)
     try:
         rows = []
         bar = progress_bar(len(formats) * len(precisions), "export", enabled=progress, unit="file")
@@ -176,7 +176,7 @@ def export_run(
                 bar.set_postfix_str(f"{fmt} {precision}")
                 try:
                     with _converter_output_silenced():
-                        _export_file(fmt, precision, run, test_x, calibration, tmp, metadata)
+                        WRITERS[fmt].EXPORTS[precision](job, tmp / file_name(fmt, precision))
                         runtime = open_runtime(tmp / file_name(fmt, precision), fmt)
                         outputs = runtime.run(test_x.numpy())
                     row.fidelity = embedding_agreement(outputs, reference, test_y, distance, weights)
@@ -205,7 +205,7 @@ def export_run(
         if not manifest["files"]:
             shutil.rmtree(tmp)
             return rows, None
-        raw = data.dataset.images[test_idx]
+        raw = data.images("test", held_out)
         manifest["eval"] = bundle.write_arrays(tmp, "eval.npz", images=raw, labels=test_y)
         manifest["golden"] = bundle.write_arrays(
             tmp,
@@ -219,30 +219,20 @@ def export_run(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _manifest(run, distance: str, weights, metrics: dict) -> dict:
+def _manifest(run, metrics: dict) -> dict:
     pre = run.preprocessing
     return {
         "schema_version": SCHEMA_VERSION,
         "toolkit_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "input": {"name": onnx_export.INPUT_NAME, "shape": [-1, pre.channels, *pre.input_size], "layout": "NCHW", "dtype": "float32"},
-        "preprocessing": {
-            "raw_range": [0.0, 1 / pre.scale],  # pixel values as the training data held them
-            "resize": list(pre.input_size),
-            "resize_method": "bilinear",
-            "grey_conversion": "ITU-R 601-2 luma: 0.299 R + 0.587 G + 0.114 B",
-            "channels": pre.channels,
-            "color": "grey" if pre.channels == 1 else "rgb",
-            "scale": pre.scale,
-            "mean": pre.mean,
-            "std": pre.std,
-        },
+        "input": {"name": onnx_export.INPUT_NAME, "shape": [-1, pre.channels, *pre.resize], "layout": INPUT_LAYOUT, "dtype": "float32"},
+        "preprocessing": pre.to_dict(),
         "embedding": {
             "output_name": onnx_export.OUTPUT_NAME,
             "dim": run.config.embedding_dim,
-            "l2_normalized": run.config.resolved_head == "l2",
-            "distance": distance,
-            "distance_weights": None if weights is None else [float(w) for w in weights],
+            "l2_normalized": HEADS[run.config.resolved_head].l2_normalized,
+            "distance": run.loss.distance.name,
+            "distance_weights": None if (w := run.loss.distance.weights_array()) is None else [float(v) for v in w],
         },
         "thresholds": {
             "far_1e-2": metrics["val_threshold_at_far_1e-2"],

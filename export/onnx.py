@@ -1,4 +1,8 @@
-"""torch -> ONNX (fp32, dynamic batch), fp16 conversion and ONNX Runtime static int8 quantization."""
+"""torch -> ONNX (fp32, dynamic batch), fp16 conversion and ONNX Runtime static int8 quantization.
+
+``EXPORTS`` maps each precision of ``FORMATS["onnx"]`` to its writer; the model metadata goes
+into ``metadata_props``.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import nn
+
+from .job import ExportJob
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 
 
-def export_fp32(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    """The model with a dynamic batch axis, checked by ``onnx.checker``, ``metadata`` in ``metadata_props``."""
-    model = model.eval().cpu()
+def export_fp32(job: ExportJob, path: Path) -> None:
+    """The model with a dynamic batch axis, checked by ``onnx.checker``, the metadata in ``metadata_props``."""
+    model = job.model.eval().cpu()
     torch.onnx.export(
         model,
-        (example[:2].cpu(),),
+        (job.example[:2].cpu(),),
         str(path),
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
@@ -26,7 +31,7 @@ def export_fp32(model: nn.Module, example: torch.Tensor, path: Path, metadata: d
         external_data=False,
         verbose=False,
     )
-    _finish(onnx.load(str(path)), path, metadata)
+    _finish(onnx.load(str(path)), path, job.metadata)
 
 
 def _finish(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> None:
@@ -39,13 +44,13 @@ def _finish(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> Non
     onnx.save(proto, str(path))
 
 
-def export_fp16(fp32_path: Path, path: Path, metadata: dict[str, str]) -> None:
+def export_fp16(job: ExportJob, path: Path) -> None:
     """Weights and arithmetic in float16; the input and output stay float32 for the caller."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    proto = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    proto = convert_float_to_float16(onnx.load(str(job.fp32_path("onnx"))), keep_io_types=True)
     _sort_nodes(proto.graph)  # the converter appends its input casts after their consumers
-    _finish(proto, path, metadata)
+    _finish(proto, path, job.metadata)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -75,20 +80,20 @@ def cpu_needs_reduce_range() -> bool:
     return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray, metadata: dict[str, str]) -> None:
+def export_int8(job: ExportJob, path: Path) -> None:
     """ONNX Runtime static quantization: QDQ, int8 per-channel weights, int8 activations."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration.astype(np.float32), max(1, len(calibration) // 32)))
+            self.batches = iter(np.array_split(job.calibration.astype(np.float32), max(1, len(job.calibration) // 32)))
 
         def get_next(self):
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: batch}
 
     quantize_static(
-        str(fp32_path),
+        str(job.fp32_path("onnx")),
         str(path),
         Reader(),
         quant_format=QuantFormat.QDQ,
@@ -97,4 +102,7 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray, metadata: 
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
     )
-    _finish(onnx.load(str(path)), path, metadata)
+    _finish(onnx.load(str(path)), path, job.metadata)
+
+
+EXPORTS = {"fp32": export_fp32, "fp16": export_fp16, "int8": export_int8}

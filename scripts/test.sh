@@ -7,6 +7,6 @@ bash scripts/setup.sh test tflite
 # clients/node, onnxruntime-web and LiteRT.js (their WASM files) for clients/web.
 if command -v npm >/dev/null; then
     npm ci --prefix clients/node --no-audit --no-fund --silent
-    npm ci --prefix clients/web --no-audit --no-fund --silent
+    npm ci --prefix edge_siamese/app/web --no-audit --no-fund --silent
 fi
 .venv/bin/python -m pytest "$@"

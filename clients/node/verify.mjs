@@ -10,7 +10,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 
-import { BundleError, checkManifest, checkSha256, listedFiles, oneLine, onnxRunner, readNpz, requireOnnx, selfCheck } from "../core/bundle.mjs";
+import { BundleError, checkManifest, checkSha256, listedFiles, oneLine, onnxRunner, readNpz, requireOnnx, selfCheck } from "../../edge_siamese/app/web/bundle.mjs";
 
 function readManifest(bundle) {
   const path = join(bundle, "manifest.json");

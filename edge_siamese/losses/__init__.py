@@ -1,14 +1,15 @@
-"""Losses, one per file, and the registry that the CLI, the config and the report share.
+"""Losses, one per file, and ``LOSSES``, the registry the CLI, the config and the report name them by.
 
 Every loss takes ``loss(embeddings, labels, indices_tuple=None)`` (pytorch-metric-learning's
-convention) and its explicit form (``(anchor, positive, negative)`` or ``(x1, x2, same)``).
-Its ``distance`` attribute is the distance it trains, which retrieval and the device then use.
+call, a miner's tuple positionally) and names its explicit form (``from_triplets`` or
+``from_pairs``). Its ``distance`` attribute is the distance it trains, which retrieval and the
+device then use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import inspect
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -23,20 +24,37 @@ from .triplet import TripletMarginLoss
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How a registered loss is built and which model head it expects."""
+    """A registered loss: its class, fixed arguments, and the model head it is meant for.
 
-    build: Callable[[int, float | None], nn.Module]  # (embedding_dim, margin) -> loss
-    head: str  # the model head this loss is meant for
-    margin: float | None  # default margin; None when the loss has none
+    The default margin is the class's own (its ``margin`` parameter's default); a class without
+    a ``margin`` parameter has none.
+    """
+
+    cls: type[nn.Module]
+    head: str
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def margin(self) -> float | None:
+        parameter = inspect.signature(self.cls).parameters.get("margin")
+        return None if parameter is None else parameter.default
+
+    def build(self, embedding_dim: int, margin: float | None = None) -> nn.Module:
+        args = dict(self.kwargs)
+        if "embedding_dim" in inspect.signature(self.cls).parameters:
+            args["embedding_dim"] = embedding_dim
+        if margin is not None:
+            args["margin"] = margin
+        return self.cls(**args)
 
 
 LOSSES: dict[str, LossSpec] = {
-    "triplet": LossSpec(lambda dim, m: TripletMarginLoss(margin=m), head="l2", margin=0.2),
-    "shadow": LossSpec(lambda dim, m: ShadowLoss(margin=m, normalize=True), head="l2", margin=0.2),
-    "shadow-raw": LossSpec(lambda dim, m: ShadowLoss(margin=m, normalize=False), head="none", margin=0.2),
-    "lossless": LossSpec(lambda dim, m: LosslessTripletLoss(embedding_dim=dim), head="sigmoid", margin=None),
-    "contrastive": LossSpec(lambda dim, m: ContrastiveLoss(margin=m), head="none", margin=1.0),
-    "koch": LossSpec(lambda dim, m: KochLoss(embedding_dim=dim), head="sigmoid", margin=None),
+    "triplet": LossSpec(TripletMarginLoss, head="l2"),
+    "shadow": LossSpec(ShadowLoss, head="l2", kwargs={"normalize": True}),
+    "shadow-raw": LossSpec(ShadowLoss, head="none", kwargs={"normalize": False}),
+    "lossless": LossSpec(LosslessTripletLoss, head="sigmoid"),
+    "contrastive": LossSpec(ContrastiveLoss, head="none"),
+    "koch": LossSpec(KochLoss, head="sigmoid"),
 }
 
 
@@ -47,7 +65,7 @@ def create_loss(name: str, embedding_dim: int, margin: float | None = None) -> n
     spec = LOSSES[name]
     if margin is not None and spec.margin is None:
         raise UserError(f"the {name} loss has no margin: drop --margin")
-    return spec.build(embedding_dim, spec.margin if margin is None else margin)
+    return spec.build(embedding_dim, margin)
 
 
 __all__ = [

@@ -1,13 +1,13 @@
 """Call forms shared by the losses, the exact O(B^2) batch-all, and index-tuple conversions.
 
-Two families, each with the explicit form and pytorch-metric-learning's form:
+Every loss is called as pytorch-metric-learning's are, ``loss(embeddings, labels,
+indices_tuple=None)``, with a miner's output accepted positionally (``loss(emb, labels,
+miner(emb, labels))``). ``indices_tuple`` is a miner's ``(a, p, n)`` or ``(a1, p, a2, n)``; each
+family converts the other kind the way pytorch-metric-learning does. The explicit forms are
+named methods:
 
-- triplet losses: ``loss(anchor, positive, negative)`` or ``loss(embeddings, labels, indices_tuple=None)``;
-- pair losses: ``loss(x1, x2, same)`` (``same`` = 1 for a same-class pair) or
-  ``loss(embeddings, labels, indices_tuple=None)``.
-
-``indices_tuple`` is a miner's ``(a, p, n)`` or ``(a1, p, a2, n)``; each family converts the
-other kind the way pytorch-metric-learning does.
+- triplet losses: ``loss.from_triplets(anchor, positive, negative)``;
+- pair losses: ``loss.from_pairs(x1, x2, same)`` (``same`` = 1 for a same-class pair).
 """
 
 from __future__ import annotations
@@ -83,21 +83,8 @@ class TripletLossBase(nn.Module):
     def check_embeddings(self, embeddings: torch.Tensor) -> None:
         """Hook for losses that need embeddings in a given range."""
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels_or_positive: torch.Tensor,
-        negative: torch.Tensor | None = None,
-        indices_tuple: IndicesTuple | None = None,
-    ) -> torch.Tensor:
-        if negative is not None:
-            anchor, positive = embeddings, labels_or_positive
-            for x in (anchor, positive, negative):
-                self.check_embeddings(x)
-            d_ap = self.distance.pairwise(anchor, positive)
-            d_an = self.distance.pairwise(anchor, negative)
-            return self.reduce(self.per_triplet(d_ap, d_an))
-        labels = labels_or_positive
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: IndicesTuple | None = None) -> torch.Tensor:
+        """pytorch-metric-learning's call: every valid triplet of the batch, or the miner's."""
         _check_labels(embeddings, labels)
         self.check_embeddings(embeddings)
         dist = self.distance(embeddings)
@@ -105,6 +92,12 @@ class TripletLossBase(nn.Module):
             return self.batch_all(dist, labels)
         a, p, n = to_triplets(indices_tuple)
         return self.reduce(self.per_triplet(dist[a, p], dist[a, n]))
+
+    def from_triplets(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """The loss of explicit triplets: row k of each ``(N, D)`` input is one triplet."""
+        for x in (anchor, positive, negative):
+            self.check_embeddings(x)
+        return self.reduce(self.per_triplet(self.distance.pairwise(anchor, positive), self.distance.pairwise(anchor, negative)))
 
 
 class MarginTripletLoss(TripletLossBase):
@@ -173,17 +166,8 @@ class PairLossBase(nn.Module):
     def per_pair(self, dist: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels_or_other: torch.Tensor,
-        same: torch.Tensor | None = None,
-        indices_tuple: IndicesTuple | None = None,
-    ) -> torch.Tensor:
-        if same is not None:
-            dist = self.distance.pairwise(embeddings, labels_or_other)
-            return self.per_pair(dist, same.to(dist.dtype)).mean()
-        labels = labels_or_other
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: IndicesTuple | None = None) -> torch.Tensor:
+        """pytorch-metric-learning's call: every ordered pair of the batch, or the miner's."""
         _check_labels(embeddings, labels)
         a1, p, a2, n = to_pairs(indices_tuple) if indices_tuple is not None else all_pairs(labels)
         if len(a1) + len(a2) == 0:
@@ -192,3 +176,8 @@ class PairLossBase(nn.Module):
         dist = torch.cat([matrix[a1, p], matrix[a2, n]])
         target = torch.cat([dist.new_ones(len(a1)), dist.new_zeros(len(a2))])
         return self.per_pair(dist, target).mean()
+
+    def from_pairs(self, x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        """The loss of explicit pairs: rows k of ``x1`` and ``x2`` (``(N, D)``), ``same[k]`` = 1 for a same-class pair."""
+        dist = self.distance.pairwise(x1, x2)
+        return self.per_pair(dist, same.to(dist.dtype)).mean()

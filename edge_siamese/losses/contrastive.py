@@ -15,8 +15,8 @@ class ContrastiveLoss(PairLossBase):
 
         L = mean( y * d^2 / 2 + (1 - y) * max(margin - d, 0)^2 / 2 )
 
-    Shapes: ``(x1 (N, D), x2 (N, D), y (N,))``, or ``(embeddings (B, D), labels (B,))`` over every
-    ordered pair of the batch (or a miner's pairs / triplets).
+    Shapes: ``(embeddings (B, D), labels (B,))`` over every ordered pair of the batch (or a
+    miner's pairs / triplets), or ``from_pairs(x1 (N, D), x2 (N, D), y (N,))``.
     """
 
     def __init__(self, margin: float = 1.0):

@@ -19,6 +19,9 @@ class KochLoss(PairLossBase):
     ``w_j = softplus(rho_j) >= 0`` plus a bias ``b``, so that the learned weighted L1 is a true
     distance that retrieval and a device can use (``self.distance``). The head's parameters
     ``rho`` (D,) and ``bias`` live in this module and are saved with the model.
+
+    Shapes: ``(embeddings (B, D), labels (B,))`` over every ordered pair of the batch (or a
+    miner's), or ``from_pairs(h1 (N, D), h2 (N, D), y (N,))``.
     """
 
     def __init__(self, embedding_dim: int):

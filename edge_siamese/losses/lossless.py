@@ -20,6 +20,9 @@ class LosslessTripletLoss(TripletLossBase):
     Both distances lie in ``[0, N]``, so each log term is finite. Embeddings outside
     ``[0, 1]`` raise an error (use the ``sigmoid`` head). The in-batch form averages over every
     valid triplet of the batch; the terms separate, so that mean costs O(B^2).
+
+    Shapes: ``(embeddings (B, D), labels (B,))``, or ``from_triplets(anchor, positive, negative)``
+    each ``(N, D)``.
     """
 
     def __init__(self, embedding_dim: int, beta: float | None = None, eps: float = 1e-8):

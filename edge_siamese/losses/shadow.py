@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..distances import ShadowDistance
+from ..distances import CosineDistance, ShadowDistance
 from .base import MarginTripletLoss
 
 
@@ -15,15 +15,17 @@ class ShadowLoss(MarginTripletLoss):
         L = mean(max(delta_p - delta_n + margin, 0))
 
     ``||a||`` is a real square-root norm clamped by an eps. ``normalize=True`` L2-normalises the
-    embeddings first, so that ``delta = 1 - cos``; ``normalize=False`` is the paper's raw form.
+    embeddings first, where ``||a|| = 1`` and ``delta = 1 - cos``: it trains the cosine distance.
+    ``normalize=False`` is the paper's raw form with the anchor-relative ``ShadowDistance``.
 
-    Shapes: ``(anchor, positive, negative)`` each ``(N, D)``, or ``(embeddings (B, D), labels (B,))``.
+    Shapes: ``(embeddings (B, D), labels (B,))``, or ``from_triplets(anchor, positive, negative)``
+    each ``(N, D)``.
     The in-batch form works from the batch Gram matrix (``a.p``, ``a.n``, ``||a||``): no
     ``S x D`` difference tensor is built, and the exact batch-all runs in O(B^2) memory.
     """
 
     def __init__(self, margin: float = 0.2, normalize: bool = True, reduction: str = "mean_active"):
-        super().__init__(ShadowDistance(normalize=normalize), margin, reduction)
+        super().__init__(CosineDistance() if normalize else ShadowDistance(), margin, reduction)
         self.normalize = normalize
 
     def extra_repr(self) -> str:

@@ -12,9 +12,9 @@ class TripletMarginLoss(MarginTripletLoss):
     ``L = mean over triplets of max(d(a, p) - d(a, n) + margin, 0)`` with ``d`` the Euclidean
     distance, or its square with ``squared=True`` (FaceNet's own form).
 
-    Shapes: ``(anchor, positive, negative)`` each ``(N, D)``, or ``(embeddings (B, D), labels (B,))``
-    with the exact batch-all over every valid triplet when no ``indices_tuple`` is given.
-    With ``reduction="mean"`` the explicit form equals ``torch.nn.functional.triplet_margin_loss``.
+    Shapes: ``(embeddings (B, D), labels (B,))`` with the exact batch-all over every valid triplet
+    when no ``indices_tuple`` is given, or ``from_triplets(anchor, positive, negative)`` each
+    ``(N, D)``; with ``reduction="mean"`` that equals ``torch.nn.functional.triplet_margin_loss``.
     """
 
     def __init__(self, margin: float = 0.2, squared: bool = False, reduction: str = "mean_active"):

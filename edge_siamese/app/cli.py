@@ -8,14 +8,25 @@ from pathlib import Path
 import click
 
 from device_bench.manifest import BundleError
+from export.job import CALIB_SAMPLES
 
-from .errors import UserError
-from .evaluate import SPLIT_NAMES
-from .losses import LOSSES
-from .miners import MINERS
-from .models import BACKBONES, HEADS
+from ..config import TrainConfig
+from ..data import SPLITS
+from ..errors import UserError
+from ..evaluate import SPLIT_NAMES
+from ..losses import LOSSES
+from ..miners import MINERS
+from ..models import BACKBONES, HEADS
+from .compare import PRESETS, CompareConfig
+from .targets import BenchSettings
 
 EXIT_USER_ERROR = 2
+# Every default below is read from these: the dataclasses are the one home of each.
+TRAIN, COMPARE, BENCH = TrainConfig(), CompareConfig(), BenchSettings()
+
+
+def listed(values) -> str:
+    return ",".join(map(str, values))
 
 
 @click.group()
@@ -25,28 +36,27 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--dataset", default="digits", show_default=True, help="digits, fashion-mnist, an image folder or an .npz file.")
-@click.option("--loss", "loss_name", type=click.Choice(list(LOSSES)), default="shadow", show_default=True)
-@click.option("--dim", "embedding_dim", type=int, default=8, show_default=True, help="Embedding dimension (2 to 1024).")
-@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="convnet", show_default=True)
-@click.option("--head", type=click.Choice(HEADS), default=None, help="Output head  [default: the loss's own]")
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True, help="P x K: P classes of K samples.")
-@click.option("--samples-per-class", type=int, default=8, show_default=True, help="K of the P x K batches.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--margin", type=float, default=None, help="Margin  [default: the loss's own]")
-@click.option("--miner", type=click.Choice(MINERS), default="batch-all", show_default=True, help="batch-all: every valid triplet, exactly, in O(B^2).")
-@click.option("--split", type=click.Choice(["samples", "classes"]), default="samples", show_default=True, help="Hold out samples (closed set) or whole classes (open set).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dataset", default=TRAIN.dataset, show_default=True, help="digits, fashion-mnist, an image folder or an .npz file.")
+@click.option("--loss", "loss_name", type=click.Choice(list(LOSSES)), default=TRAIN.loss, show_default=True)
+@click.option("--dim", "embedding_dim", type=int, default=TRAIN.embedding_dim, show_default=True, help="Embedding dimension (2 to 1024).")
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default=TRAIN.backbone, show_default=True)
+@click.option("--head", type=click.Choice(list(HEADS)), default=TRAIN.head, help="Output head  [default: the loss's own]")
+@click.option("--epochs", type=int, default=TRAIN.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=TRAIN.batch_size, show_default=True, help="P x K: P classes of K samples.")
+@click.option("--samples-per-class", type=int, default=TRAIN.samples_per_class, show_default=True, help="K of the P x K batches.")
+@click.option("--lr", type=float, default=TRAIN.lr, show_default=True)
+@click.option("--margin", type=float, default=TRAIN.margin, help="Margin  [default: the loss's own]")
+@click.option("--miner", type=click.Choice(list(MINERS)), default=TRAIN.miner, show_default=True, help="batch-all: every valid triplet, exactly, in O(B^2).")
+@click.option("--split", type=click.Choice(SPLITS), default=TRAIN.split, show_default=True, help="Hold out samples (closed set) or whole classes (open set).")
+@click.option("--seed", type=int, default=TRAIN.seed, show_default=True)
+@click.option("--device", default=TRAIN.device, show_default=True, help="auto, cpu or cuda.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder  [default: runs/LOSS-dDIM]")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its config.json decides).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(loss_name, embedding_dim, out, force, resume, quiet, **options) -> None:
     """Train an embedding model and write weights, config, metrics and curves to --out."""
-    from .config import TrainConfig
-    from .train import train as run_training
+    from ..train import train as run_training
 
     if resume:
         if out is None:
@@ -74,9 +84,9 @@ def train(loss_name, embedding_dim, out, force, resume, quiet, **options) -> Non
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def evaluate(run_dir, split, json_path, device, force) -> None:
     """Retrieval and verification metrics of a trained run on one of its splits."""
-    from .checkpoints import read_config
-    from .evaluate import default_output, evaluate_run
-    from .files import check_new_file, write_json
+    from ..checkpoints import read_config
+    from ..evaluate import default_output, evaluate_run
+    from ..files import check_new_file, write_json
 
     path = json_path or default_output(run_dir, split)
     read_config(run_dir)  # not a run folder: that error first, it says more than one about the output
@@ -94,7 +104,7 @@ def evaluate(run_dir, split, json_path, device, force) -> None:
 @click.option("--format", "formats", default=None, help="Comma-separated: onnx, tflite  [default: onnx, and tflite when its extra is installed]")
 @click.option("--int8", is_flag=True, help="Add int8 files (static quantization, calibrated).")
 @click.option("--fp16", is_flag=True, help="Add fp16 files.")
-@click.option("--calib-samples", type=int, default=256, show_default=True, help="Training images to calibrate int8 on.")
+@click.option("--calib-samples", type=int, default=CALIB_SAMPLES, show_default=True, help="Training images to calibrate int8 on.")
 @click.option("--calib-data", default=None, help="Where the run's dataset is now, if it moved.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder  [default: RUN/bundle]")
 @click.option("--zip", "make_zip", is_flag=True, help="Also write BUNDLE.zip.")
@@ -134,74 +144,66 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--target", default="cpu", show_default=True, help="cpu, cuda, arm64-emulated or ssh://user@host[:port]")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="cuda: the training run  [default: the bundle's parent]")
-@click.option("--format", "formats", default=None, help="Comma-separated formats  [default: all in the bundle]")
-@click.option("--precision", default=None, help="Comma-separated precisions  [default: all in the bundle]")
-@click.option("--batch", default="1", show_default=True, help="Batch sizes, e.g. 1,8.")
-@click.option("--warmup", type=int, default=5, show_default=True)
-@click.option("--runs", type=int, default=50, show_default=True)
-@click.option("--gallery", default="1000,10000,100000", show_default=True, help="Gallery sizes for 1:N search.")
-@click.option("--threads", type=int, default=None)
-@click.option("--cpu-model", default="cortex-a72", show_default=True, help="arm64-emulated: cortex-a72 (Pi 4) or cortex-a76 (Pi 5).")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=BENCH.run_dir, help="cuda: the training run  [default: the bundle's parent]")
+@click.option("--format", "formats", default=BENCH.formats, help="Comma-separated formats  [default: all in the bundle]")
+@click.option("--precision", default=BENCH.precision, help="Comma-separated precisions  [default: all in the bundle]")
+@click.option("--batch", default=listed(BENCH.batches), show_default=True, help="Batch sizes, e.g. 1,8.")
+@click.option("--warmup", type=int, default=BENCH.warmup, show_default=True)
+@click.option("--runs", type=int, default=BENCH.runs, show_default=True)
+@click.option("--gallery", default=listed(BENCH.gallery), show_default=True, help="Gallery sizes for 1:N search.")
+@click.option("--threads", type=int, default=BENCH.threads)
+@click.option("--cpu-model", default=BENCH.cpu_model, show_default=True, help="arm64-emulated: cortex-a72 (Pi 4) or cortex-a76 (Pi 5).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the JSON document here.")
-@click.option("--instructions", is_flag=True, help="arm64-emulated: also count guest instructions per inference (deterministic ARM cost).")
-@click.option("--remote-python", default="python3", show_default=True, help="ssh: the device's Python (e.g. a venv's bin/python).")
+@click.option("--instructions", is_flag=True, default=BENCH.instructions, help="arm64-emulated: also count guest instructions per inference (deterministic ARM cost).")
+@click.option("--remote-python", default=BENCH.remote_python, show_default=True, help="ssh: the device's Python (e.g. a venv's bin/python).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json.")
 def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, instructions, remote_python, json_path, force) -> None:
     """Benchmark a bundle on a target: this CPU, a CUDA GPU, emulated aarch64, or a device over ssh."""
-    from device_bench.__main__ import table
+    from device_bench.document import table
 
-    from . import targets
-    from .files import check_new_file, write_json
+    from ..files import check_new_file, write_json
+    from .targets import run_target
 
     check_new_file(json_path, force)
     if runs < 1:
         raise UserError(f"--runs {runs}: use at least 1")
-    settings = targets.BenchSettings(ints(batch, "batch"), warmup, runs, ints(gallery, "gallery"), threads, formats, precision)
-    result = targets.run_target(target, bundle, settings, run_dir, cpu_model, instructions, remote_python)
-    if target == "cuda":
-        for row in result["rows"]:
-            for lat in row.get("latency", []):
-                click.echo(f"{row['format']:<8} {row['precision']:<5} {row['runtime']:<18} batch {lat['batch']:>3}  p50 {lat['p50_ms']:.3f} ms  p99 {lat['p99_ms']:.3f} ms  {lat['items_per_s']:.0f} items/s")
-            if row["status"] != "ok":
-                click.echo(f"{row['format']:<8} {row['runtime']}: {row['error']}")
-    else:
-        if result["target"].get("emulated"):
-            click.echo("emulated: times below are qemu's, not device latency")
-        click.echo(table(result))
-        for row in result["rows"]:
-            if "guest_instructions_per_inference" in row:
-                click.echo(f"{row['file']:<20} {cpu_model}: {row['guest_instructions_per_inference']:,.0f} guest instructions per inference (batch 1)")
+    settings = BenchSettings(ints(batch, "batch"), warmup, runs, ints(gallery, "gallery"), threads, formats, precision, run_dir, cpu_model, instructions, remote_python)
+    result = run_target(target, bundle, settings)
+    if result["target"].get("emulated"):
+        click.echo("emulated: times below are qemu's, not device latency")
+    click.echo(table(result))
+    for row in result["rows"]:
+        if "guest_instructions_per_inference" in row:
+            click.echo(f"{row['file']:<20} {cpu_model}: {row['guest_instructions_per_inference']:,.0f} guest instructions per inference (batch 1)")
     if json_path is not None:
         write_json(json_path, result)
         click.echo(f"wrote {json_path}")
     failed = [r for r in result["rows"] if r["status"] == "failed"]
     if failed:  # like python -m device_bench: the document is written, the exit status says a row failed
-        click.echo(f"error: {len(failed)} of {len(result['rows'])} rows failed; first: {failed[0].get('file', '?')}: {failed[0].get('error', '')}", err=True)
+        click.echo(f"error: {len(failed)} of {len(result['rows'])} rows failed; first: {failed[0]['file']}: {failed[0]['error']}", err=True)
         raise SystemExit(1)
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True, help="paper: Fashion-MNIST, open set, 5 seeds, 30 epochs, dims 2-32 (for a GPU).")
-@click.option("--dataset", default=None, help="[default: digits]")
-@click.option("--split", type=click.Choice(["samples", "classes"]), default=None)
-@click.option("--backbone", type=click.Choice(list(BACKBONES)), default=None)
-@click.option("--baseline-dim", type=int, default=None, help="Dim of the triplet baseline  [default: 128]")
-@click.option("--dims", default=None, help="Low dims, comma-separated  [default: 4,8,16]")
-@click.option("--losses", default=None, help="Comma-separated  [default: shadow,shadow-raw,triplet]")
-@click.option("--seeds", type=int, default=None, help="[default: 3]")
-@click.option("--epochs", type=int, default=None, help="[default: 20]")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True, help="paper: Fashion-MNIST, open set, 5 seeds, 30 epochs, dims 2-32 (for a GPU).")
+@click.option("--dataset", default=None, help=f"[default: {COMPARE.dataset}]")
+@click.option("--split", type=click.Choice(SPLITS), default=None, help=f"[default: {COMPARE.split}]")
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default=None, help=f"[default: {COMPARE.backbone}]")
+@click.option("--baseline-dim", type=int, default=None, help=f"Dim of the triplet baseline  [default: {COMPARE.baseline_dim}]")
+@click.option("--dims", default=None, help=f"Low dims, comma-separated  [default: {listed(COMPARE.dims)}]")
+@click.option("--losses", default=None, help=f"Comma-separated  [default: {listed(COMPARE.losses)}]")
+@click.option("--seeds", type=int, default=None, help=f"[default: {COMPARE.seeds}]")
+@click.option("--epochs", type=int, default=None, help=f"[default: {COMPARE.epochs}]")
 @click.option("--formats", default=None, help="[default: onnx, plus tflite when its extra is installed]")
-@click.option("--targets", default="cpu", show_default=True, help="Comma-separated: cpu, cuda, arm64-emulated")
+@click.option("--targets", default=listed(COMPARE.targets), show_default=True, help="Comma-separated: cpu, cuda, arm64-emulated")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
 @click.option("--force", is_flag=True, help="Start over in an --out that holds another compare.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds, epochs, formats, targets, out, force, quiet) -> None:
     """The main job: Shadow vs triplet at low dims, every figure against the triplet baseline."""
-    from .compare import PRESETS, CompareConfig, run_compare
     from export.exporter import parse_formats
 
-    from .files import remove_result_folder
+    from .compare import run_compare
 
     settings = dict(PRESETS[preset])
     given = {
@@ -212,10 +214,7 @@ def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds,
     settings.update({k: v for k, v in given.items() if v is not None})
     settings["formats"] = parse_formats(formats)
     settings["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
-    config = CompareConfig(**settings).validate()
-    if force:
-        remove_result_folder(out, "compare_config.json")
-    results = run_compare(config, out, progress=not quiet)
+    results = run_compare(CompareConfig(**settings), out, force=force, progress=not quiet)
     for line in results["summary"]["verdict"]:
         click.echo(line)
     click.echo(f"wrote {out / 'REPORT.md'}, {out / 'report.html'} and {out / 'results.json'} ({results['elapsed_s'] / 60:.1f} min)")
@@ -224,12 +223,12 @@ def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds,
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0 picks a free port.")
-@click.option("--clients", type=click.Path(path_type=Path), default=None, help="The clients/ folder  [default: this checkout's]")
+@click.option("--clients", type=click.Path(path_type=Path), default=None, help="A folder whose node_modules holds the page's npm packages  [default: the page's own folder]")
 def demo(bundle, port, clients) -> None:
     """Serve BUNDLE and the web page on 127.0.0.1: the golden self-check and a two-image verdict in a browser."""
-    from .demo import CLIENTS, demo_server
+    from .demo import demo_server
 
-    server = demo_server(bundle, port, clients or CLIENTS)
+    server = demo_server(bundle, port, clients)
     host, port = server.server_address[:2]
     try:
         click.echo(f"serving {bundle} at http://{host}:{port}/web/  (Ctrl-C stops)")

@@ -7,7 +7,7 @@
 import {
   BundleError, checkInputShape, checkManifest, checkSha256, distance, embed, listedFiles, oneLine,
   onnxRunner, preprocessRgba, readNpz, requireOnnx, selfCheck, verdict,
-} from "../core/bundle.mjs";
+} from "./bundle.mjs";
 
 const params = new URLSearchParams(location.search);
 const bundleUrl = new URL(params.get("bundle") ?? "/bundle/", location.href);

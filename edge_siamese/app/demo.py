@@ -1,13 +1,15 @@
-"""``edge-siamese demo``: serve one bundle and the web client (``clients/web``) on 127.0.0.1.
+"""``edge-siamese demo``: serve one bundle and the web page on 127.0.0.1.
 
 The page runs the bundle's golden self-check in the browser (onnxruntime-web, LiteRT.js) and gives
-a verdict for two images the user picks. Everything is served from this machine: the page, the
-shared bundle reader (``clients/core``), the runtimes' WASM files from ``clients/web/node_modules``,
-and the bundle's own files. Nothing is fetched from a CDN.
+a verdict for two images the user picks. Everything is served from this machine: the page and the
+JS bundle reader (``web/``, shipped with this package), the runtimes' WASM files from the npm
+packages its ``package.json`` names (installed by ``npm ci --prefix`` that folder, or anywhere
+``--clients`` points), and the bundle's own files. Nothing is fetched from a CDN.
 """
 
 from __future__ import annotations
 
+import json
 import mimetypes
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,10 +19,9 @@ from urllib.parse import unquote, urlsplit
 from device_bench.manifest import Bundle, read_bundle
 from device_bench.runtimes import open_runtime
 
-from .errors import UserError
+from ..errors import UserError
 
-CLIENTS = Path(__file__).resolve().parents[1] / "clients"
-WEB_PACKAGES = ("onnxruntime-web", "@litertjs/core")
+PAGE = Path(__file__).resolve().parent / "web"
 TYPES = {
     ".html": "text/html; charset=utf-8",
     ".mjs": "text/javascript",
@@ -32,14 +33,18 @@ TYPES = {
 }
 
 
-def check_clients(clients: Path) -> None:
-    """Stop with the fix unless ``clients`` has the page and its npm packages installed."""
-    if not (clients / "web" / "index.html").is_file():
-        raise UserError(f"{clients} has no web/index.html: pass --clients with the clients/ folder of an edge-siamese checkout")
-    modules = clients / "web" / "node_modules"
-    missing = [name for name in WEB_PACKAGES if not (modules / name / "package.json").is_file()]
+def node_modules(clients: Path | None) -> Path:
+    """The ``node_modules`` folder holding the page's npm packages (under ``clients``, else the page's
+    own folder); stop with the command that installs them when one is missing."""
+    modules = (clients if clients is not None else PAGE) / "node_modules"
+    packages = json.loads((PAGE / "package.json").read_text())["dependencies"]
+    missing = [f"{name}@{version}" for name, version in packages.items() if not (modules / name / "package.json").is_file()]
     if missing:
-        raise UserError(f"{modules} lacks {', '.join(missing)}: run npm ci --prefix {clients / 'web'}")
+        raise UserError(
+            f"{modules} lacks the page's npm packages {', '.join(missing)}: run npm ci --prefix {PAGE}, "
+            f"or npm install --prefix DIR {' '.join(missing)} and pass --clients DIR"
+        )
+    return modules
 
 
 class DemoHandler(BaseHTTPRequestHandler):
@@ -102,11 +107,12 @@ def check_onnx_files(bundle: Bundle) -> None:
             raise UserError(f"{entry['path']} takes input of shape {shape} but manifest.json says {expected}: export the bundle again")
 
 
-def demo_server(bundle: Path, port: int = 8765, clients: Path = CLIENTS) -> ThreadingHTTPServer:
-    """A server (not yet serving) for ``bundle`` and the web client, bound to 127.0.0.1 only."""
-    check_clients(clients)
+def demo_server(bundle: Path, port: int = 8765, clients: Path | None = None) -> ThreadingHTTPServer:
+    """A server (not yet serving) for ``bundle`` and the web page, bound to 127.0.0.1 only;
+    ``clients`` is a folder whose ``node_modules`` has the page's npm packages (default: the page's)."""
+    modules = node_modules(clients)
     check_onnx_files(read_bundle(bundle))
-    routes = {"/web/": clients / "web", "/core/": clients / "core", "/node_modules/": clients / "web" / "node_modules", "/bundle/": Path(bundle)}
+    routes = {"/web/": PAGE, "/node_modules/": modules, "/bundle/": Path(bundle)}
     handler = type("Handler", (DemoHandler,), {"routes": routes})
     try:
         return ThreadingHTTPServer(("127.0.0.1", port), handler)

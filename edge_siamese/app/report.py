@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .files import atomic_path  # noqa: E402
+from ..files import atomic_path  # noqa: E402
 
 COLUMNS = (
     "loss", "dim", "format", "precision", "status", "P@1", "MAP@R", "TAR@FAR=1e-3", "ΔP@1 vs baseline",
@@ -45,7 +45,8 @@ def table_rows(results: dict, target: str) -> list[list[str]]:
         else:
             perf = ["-"] * 3
         out.append([
-            r["loss"], str(r["dim"]), r["format"], r["precision"], r["status"],
+            r["loss"], str(r["dim"]), r["format"], r["precision"],
+            r["status"] + (f" ({r['degraded_seeds']}/{results['config']['seeds']})" if r["status"] == "degraded" else ""),
             _ci(r["precision_at_1"]), _ci(r["mean_average_precision_at_r"]), _ci(r["tar_at_far_1e-3"]),
             _delta(r["delta_precision_at_1"], r["baseline"]),
             f"{r['size_bytes'] / 1024:.1f}" if "size_bytes" in r else "-", *perf,

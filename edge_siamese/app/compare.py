@@ -19,22 +19,25 @@ import numpy as np
 from scipy import stats
 
 from device_bench.bench import eval_accuracy
+from device_bench.formats import PRECISIONS
 from device_bench.manifest import read_bundle
 from device_bench.runtimes import open_runtime
-from export.exporter import export_run, parse_formats
+from export.exporter import check_formats, default_formats, export_run
 
-from . import __version__, targets
-from .checkpoints import METRICS, load_run, read_config
-from .config import TrainConfig
-from .errors import UserError
-from .evaluate import evaluate_run
-from .files import write_json
-from .models import embed
-from .progress import progress_bar
+from .. import __version__
+from ..checkpoints import METRICS, load_run, read_config
+from ..config import TrainConfig
+from ..errors import UserError
+from ..evaluate import evaluate_run
+from ..files import remove_result_folder, write_json
+from ..models import embed
+from ..progress import progress_bar
+from ..run import prepare_data
+from ..train import train
 from .report import write_report
-from .train import prepare_data, train
+from .targets import TARGETS, BenchSettings, run_target
 
-COMPARE_TARGETS = ("cpu", "cuda", "arm64-emulated")
+COMPARE_TARGETS = tuple(name for name, target in TARGETS.items() if target.in_compare)
 METRICS_SHOWN = ("precision_at_1", "mean_average_precision_at_r", "tar_at_far_1e-3")
 PRESETS = {
     "default": {},
@@ -52,7 +55,7 @@ class CompareConfig:
     losses: list[str] = field(default_factory=lambda: ["shadow", "shadow-raw", "triplet"])
     seeds: int = 3
     epochs: int = 20
-    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    formats: list[str] = field(default_factory=default_formats)
     targets: list[str] = field(default_factory=lambda: ["cpu"])
     bench_runs: int = 30
     gallery: list[int] = field(default_factory=lambda: [1000, 100000])
@@ -70,7 +73,7 @@ class CompareConfig:
 
     def validate(self) -> "CompareConfig":
         """Raise ``UserError`` at the first bad setting, before any work (or any --force removal)."""
-        self.formats = parse_formats(",".join(self.formats))
+        self.formats = check_formats(self.formats)
         for t in self.targets:
             if t not in COMPARE_TARGETS:
                 raise UserError(f"unknown target {t!r}: choose from {', '.join(COMPARE_TARGETS)}")
@@ -135,14 +138,17 @@ def _epochs_to_95(history: list[dict]) -> int:
 
 
 def _bench(target: str, bundle: Path, run_dir: Path, config: CompareConfig) -> dict:
-    settings = targets.BenchSettings(batches=[1], warmup=3, runs=config.bench_runs, gallery=config.gallery)
-    return targets.run_target(target, bundle, settings, run_dir, instructions=target == "arm64-emulated")
+    settings = BenchSettings(batches=[1], warmup=3, runs=config.bench_runs, gallery=config.gallery, run_dir=run_dir, instructions=target == "arm64-emulated")
+    return run_target(target, bundle, settings)
 
 
-def run_compare(config: CompareConfig, out: Path, progress: bool = True) -> dict:
-    """Run (or resume) the whole comparison into ``out``; return ``results.json``'s content."""
+def run_compare(config: CompareConfig, out: Path, force: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) the whole comparison into ``out``; return ``results.json``'s content.
+    ``force`` starts over in an ``out`` that holds an earlier compare (checked after the settings)."""
     out = Path(out)
     config.validate()
+    if force:
+        remove_result_folder(out, "compare_config.json")
     specs = config.runs()
     saved_path = out / "compare_config.json"
     if saved_path.exists() and json.loads(saved_path.read_text()) != asdict(config):
@@ -251,11 +257,13 @@ def summarize(config: CompareConfig, runs: dict, bench: dict) -> dict:
                 row[f"delta_{name}"] = paired_delta(values, base)
             if path is not None:
                 statuses = per_seed(loss, dim, lambda r: r["files"][path]["status"])
-                row["status"] = "verified" if all(s == "verified" for s in statuses) else f"degraded ({statuses.count('degraded')}/{len(statuses)})"
+                row["status"] = "verified" if all(s == "verified" for s in statuses) else "degraded"
+                row["degraded_seeds"] = statuses.count("degraded")
                 row["size_bytes"] = first["files"][path]["size_bytes"]
             else:
-                row["status"] = "trained"
-            row["gallery_bytes_per_identity"] = dim * (1 if precision == "int8" else 4)
+                row["status"] = "reference"
+            # the int8 gallery stores int8 codes; every other row's gallery is float32
+            row["gallery_bytes_per_identity"] = dim * PRECISIONS["int8" if precision == "int8" else "fp32"].bytes_per_value
             row["train_time_s"] = mean_ci(per_seed(loss, dim, lambda r: r["train_time_s"]))
             row["peak_train_rss_mb"] = mean_ci(per_seed(loss, dim, lambda r: r["peak_train_rss_mb"]))
             row["epochs_to_95"] = mean_ci(per_seed(loss, dim, lambda r: r["epochs_to_95"]))
@@ -264,7 +272,7 @@ def summarize(config: CompareConfig, runs: dict, bench: dict) -> dict:
                 result = by_model[f"{loss}-d{dim}"]
                 # the PyTorch row is the cuda target's fp32 model; every other row is a bundle file
                 same = (lambda r: r.get("format") == "pytorch" and r.get("precision") == "fp32") if path is None else (lambda r: r.get("file") == path)
-                match = [r for r in result.get("rows", []) if same(r) and r.get("status") == "ok"]
+                match = [r for r in result.get("rows", []) if same(r) and r.get("status") == "verified"]
                 if match:
                     r = match[0]
                     lat = r["latency"][0]
