@@ -83,7 +83,7 @@ def _last_json_line(cmd: list[str]) -> dict:
 def device_bench_row(bundle: Path, file: str, runs: int) -> dict:
     settings = {"runtime": None, "threads": None, "batch": [1], "warmup": 5, "runs": runs, "min_seconds": None, "gallery": []}
     row = _last_json_line([sys.executable, "-m", "device_bench.bench", str(bundle), file, json.dumps(settings)])
-    if row.get("status") != "ok":
+    if row.get("status") != "verified":
         raise RuntimeError(f"device_bench failed on {bundle}/{file}: {row.get('error')}")
     return row
 

@@ -11,40 +11,71 @@ of the three rank metrics. Work is done in row chunks, so memory stays
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 
-DISTANCES = ("euclidean", "squared_euclidean", "cosine", "l1", "weighted_l1", "shadow")
 _EPS = 1e-12
 _CHUNK = 512
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+
+
+def _weighted(q: np.ndarray, r: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if weights is None:
+        raise ValueError("weighted_l1 needs the weights saved with the model")
+    return q * weights, r * weights
+
+
+def _l1_matrix(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(q), len(r)))
+    for j in range(q.shape[1]):  # one (Q, R) slice per dimension: no (Q, R, D) tensor
+        out += np.abs(q[:, j, None] - r[None, :, j])
+    return out
+
+
+def _squared_matrix(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    return np.maximum((q * q).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2 * q @ r.T, 0)
+
+
+def _shadow_norm(q: np.ndarray) -> np.ndarray:
+    return np.maximum(np.linalg.norm(q, axis=1), _EPS)
+
+
+class Distance(NamedTuple):
+    matrix: Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]  # (Q, D), (R, D), weights -> (Q, R)
+    rowwise: Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]  # (N, D), (N, D), weights -> (N,)
+
+
+# Each distance by the name the manifest gives it (``edge_siamese.distances.DISTANCES`` computes the
+# same in torch). float64 arrays in, "smaller is more similar"; ``w`` is only read by ``weighted_l1``. ``shadow`` is
+# anchor-relative: row = query.
+DISTANCES: dict[str, Distance] = {
+    "euclidean": Distance(lambda q, r, w: np.sqrt(_squared_matrix(q, r)), lambda a, b, w: np.sqrt(((a - b) ** 2).sum(1))),
+    "squared_euclidean": Distance(lambda q, r, w: _squared_matrix(q, r), lambda a, b, w: ((a - b) ** 2).sum(1)),
+    "cosine": Distance(lambda q, r, w: 1 - _unit(q) @ _unit(r).T, lambda a, b, w: 1 - (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), _EPS)),
+    "l1": Distance(lambda q, r, w: _l1_matrix(q, r), lambda a, b, w: np.abs(a - b).sum(1)),
+    "weighted_l1": Distance(lambda q, r, w: _l1_matrix(*_weighted(q, r, w)), lambda a, b, w: np.abs(np.subtract(*_weighted(a, b, w))).sum(1)),
+    "shadow": Distance(
+        lambda q, r, w: np.abs(_shadow_norm(q)[:, None] - (q @ r.T) / _shadow_norm(q)[:, None]),
+        lambda a, b, w: np.abs(_shadow_norm(a) - (a * b).sum(1) / _shadow_norm(a)),
+    ),
+}
+
+
+def _distance(name: str) -> Distance:
+    if name not in DISTANCES:
+        raise ValueError(f"unknown distance {name!r}: choose one of {', '.join(DISTANCES)}")
+    return DISTANCES[name]
 
 
 def pairwise_distances(
     queries: np.ndarray, refs: np.ndarray, distance: str = "euclidean", weights: np.ndarray | None = None
 ) -> np.ndarray:
     """``(Q, R)`` matrix of ``distance(query, ref)``; ``weights`` (D,) only for ``weighted_l1``."""
-    q = np.asarray(queries, dtype=np.float64)
-    r = np.asarray(refs, dtype=np.float64)
-    if distance in ("euclidean", "squared_euclidean"):
-        sq = (q * q).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2 * q @ r.T
-        sq = np.maximum(sq, 0)
-        return np.sqrt(sq) if distance == "euclidean" else sq
-    if distance == "cosine":
-        qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), _EPS)
-        rn = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), _EPS)
-        return 1 - qn @ rn.T
-    if distance in ("l1", "weighted_l1"):
-        if distance == "weighted_l1":
-            if weights is None:
-                raise ValueError("weighted_l1 needs the weights saved with the model")
-            q, r = q * weights, r * weights
-        out = np.zeros((len(q), len(r)))
-        for j in range(q.shape[1]):  # one (Q, R) slice per dimension: no (Q, R, D) tensor
-            out += np.abs(q[:, j, None] - r[None, :, j])
-        return out
-    if distance == "shadow":
-        norm = np.maximum(np.linalg.norm(q, axis=1), _EPS)
-        return np.abs(norm[:, None] - (q @ r.T) / norm[:, None])
-    raise ValueError(f"unknown distance {distance!r}: choose one of {', '.join(DISTANCES)}")
+    return _distance(distance).matrix(np.asarray(queries, dtype=np.float64), np.asarray(refs, dtype=np.float64), weights)
 
 
 def _ranked_neighbour_labels(emb, labels, distance, weights, depth):
@@ -119,21 +150,7 @@ def _sample_pairs(n, max_pairs, rng):
 
 def rowwise_distances(a: np.ndarray, b: np.ndarray, distance: str = "euclidean", weights: np.ndarray | None = None) -> np.ndarray:
     """``distance(a[k], b[k])`` for each row k of two (N, D) arrays, without an N x N matrix."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if distance in ("euclidean", "squared_euclidean"):
-        sq = ((a - b) ** 2).sum(1)
-        return np.sqrt(sq) if distance == "euclidean" else sq
-    if distance == "cosine":
-        return 1 - (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), _EPS)
-    if distance in ("l1", "weighted_l1"):
-        if distance == "weighted_l1" and weights is None:
-            raise ValueError("weighted_l1 needs the weights saved with the model")
-        diff = np.abs(a - b)
-        return (diff * weights).sum(1) if distance == "weighted_l1" else diff.sum(1)
-    if distance == "shadow":
-        norm = np.maximum(np.linalg.norm(a, axis=1), _EPS)
-        return np.abs(norm - (a * b).sum(1) / norm)
-    raise ValueError(f"unknown distance {distance!r}: choose one of {', '.join(DISTANCES)}")
+    return _distance(distance).rowwise(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), weights)
 
 
 def _average_ranks(values):

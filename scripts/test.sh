@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test tflite
 # The JS clients' dependencies from their lockfiles, when Node is here: onnxruntime-node for
-# clients/node, onnxruntime-web and LiteRT.js (their WASM files) for clients/web.
+# clients/node, onnxruntime-web and LiteRT.js (their WASM files) for the page in edge_siamese/app/web.
 if command -v npm >/dev/null; then
     npm ci --prefix clients/node --no-audit --no-fund --silent
     npm ci --prefix edge_siamese/app/web --no-audit --no-fund --silent

@@ -1,4 +1,4 @@
-"""``edge_siamese.arm64``: a real bundle and ``device_bench`` on aarch64 under qemu user-mode emulation.
+"""The arm64-emulated target (``edge_siamese.app.targets``: ``rootfs``, ``arm64``, ``instructions``): a real bundle and ``device_bench`` on aarch64 under qemu user-mode emulation.
 
 The aarch64 userland is built once into the user's cache (``EDGE_SIAMESE_ARM64_CACHE`` moves it)
 and reused by later runs; CI installs the tools with ``apt-get install qemu-user mmdebstrap gcc``.
@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from edge_siamese import arm64
+from edge_siamese.app.targets import arm64, instructions, rootfs
 from edge_siamese.errors import UserError
 
 HAVE_QEMU = bool(shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")) and bool(shutil.which("mmdebstrap"))
@@ -48,26 +48,26 @@ def test_unknown_cpu_and_not_a_bundle_are_user_errors(tmp_path):
 
 
 def test_missing_tools_say_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(arm64.shutil, "which", lambda name: None)
+    monkeypatch.setattr(rootfs.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="apt-get install qemu-user mmdebstrap"):
-        arm64.prepare_rootfs(tmp_path / "cache", progress=False)
+        rootfs.prepare_rootfs(tmp_path / "cache", progress=False)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()], "a failed build leaves no rootfs behind"
 
 
 @needs_qemu
 def test_guest_runs_aarch64_python_with_both_runtimes():
-    rootfs = arm64.prepare_rootfs(progress=False)
-    assert arm64.prepare_rootfs(progress=False) == rootfs  # built once, then reused
+    built = rootfs.prepare_rootfs(progress=False)
+    assert rootfs.prepare_rootfs(progress=False) == built  # built once, then reused
     code = (
         "import json, platform, sys, numpy, onnxruntime; from ai_edge_litert.interpreter import Interpreter; "
         "print(json.dumps({'machine': platform.machine(), 'python': sys.version.split()[0], 'numpy': numpy.__version__, 'onnxruntime': onnxruntime.__version__}))"
     )
-    proc = arm64.run_guest_python(["-c", code], progress=False)
+    proc = rootfs.run_guest_python(["-c", code], progress=False)
     assert proc.returncode == 0, proc.stderr
     guest = json.loads(proc.stdout)
     assert guest["machine"] == "aarch64"
-    assert guest["python"].startswith(arm64.GUEST_PYTHON + ".")
-    assert f"numpy=={guest['numpy']}" in arm64.GUEST_WHEELS and f"onnxruntime=={guest['onnxruntime']}" in arm64.GUEST_WHEELS
+    assert guest["python"].startswith(rootfs.GUEST_PYTHON + ".")
+    assert f"numpy=={guest['numpy']}" in rootfs.GUEST_WHEELS and f"onnxruntime=={guest['onnxruntime']}" in rootfs.GUEST_WHEELS
 
 
 @needs_qemu
@@ -77,12 +77,12 @@ def test_bench_cli_on_emulated_arm64(arm_bundle, tmp_path):
     assert "emulated" in proc.stdout
     result = json.loads(out.read_text())
     assert result["target"]["name"] == "arm64-emulated" and result["target"]["emulated"] is True
-    assert result["target"]["cpu_model"] == "cortex-a72" and result["target"]["note"] == arm64.NOTE
+    assert result["target"]["cpu_model"] == "cortex-a72" and result["target"]["note"] == rootfs.NOTE
     assert result["environment"]["machine"] == "aarch64"
     rows = {(r["format"], r["precision"]): r for r in result["rows"]}
     assert set(rows) == {("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "int8")}
     for (fmt, precision), row in rows.items():
-        assert row["status"] == "ok", row
+        assert row["status"] == "verified", row
         assert row["runtime"] == ("onnxruntime" if fmt == "onnx" else "litert")
         assert row["golden"]["min_cosine"] >= row["golden"]["required_min_cosine"]
         assert row["golden"]["min_cosine"] > (0.99999 if precision == "fp32" else 0.99)
@@ -91,7 +91,7 @@ def test_bench_cli_on_emulated_arm64(arm_bundle, tmp_path):
 @needs_plugins
 @pytest.mark.parametrize("file", ["model_fp32.onnx", "model_int8.onnx"])
 def test_instruction_count_is_positive_and_repeatable(arm_bundle, file):
-    first, second = (arm64.count_instructions(arm_bundle, file, runs=200) for _ in range(2))
+    first, second = (instructions.count_instructions(arm_bundle, file, runs=200) for _ in range(2))
     assert first["runtime"] == "onnxruntime" and first["target"]["emulated"] is True
     assert first["golden_min_cosine"] > 0.99
     assert first["instructions_per_inference"] > 10_000
@@ -101,8 +101,8 @@ def test_instruction_count_is_positive_and_repeatable(arm_bundle, file):
 @needs_plugins
 def test_cortex_a76_runs_int8_with_fewer_instructions(arm_bundle):
     """The A76 has the dot-product instructions that ONNX Runtime's int8 kernels use; the A72 does not."""
-    a72 = arm64.count_instructions(arm_bundle, "model_int8.onnx", runs=200, cpu="cortex-a72")
-    a76 = arm64.count_instructions(arm_bundle, "model_int8.onnx", runs=200, cpu="cortex-a76")
+    a72 = instructions.count_instructions(arm_bundle, "model_int8.onnx", runs=200, cpu="cortex-a72")
+    a76 = instructions.count_instructions(arm_bundle, "model_int8.onnx", runs=200, cpu="cortex-a76")
     assert a76["instructions_per_inference"] < 0.8 * a72["instructions_per_inference"]
 
 

@@ -158,3 +158,24 @@ def test_a_split_too_small_to_measure_is_one_line(tmp_path):
 
 def test_evaluate_names_a_bad_device_in_one_line(shadow_run, tmp_path):
     assert_one_line_error(run_cli("evaluate", shadow_run, "--device", "gpu", "--json", tmp_path / "e.json", check=False), "unknown device 'gpu'")
+
+
+def test_option_defaults_are_the_dataclasses():
+    """Each default has one home, the dataclass the command builds: TrainConfig, BenchSettings."""
+    from dataclasses import fields
+
+    from edge_siamese.app.cli import cli
+    from edge_siamese.app.targets import BenchSettings
+    from edge_siamese.config import TrainConfig
+
+    train = {p.name: p.default for p in cli.commands["train"].params}
+    renamed = {"loss": "loss_name"}
+    shared = [f for f in fields(TrainConfig) if renamed.get(f.name, f.name) in train]
+    assert len(shared) >= 14
+    for f in shared:
+        assert train[renamed.get(f.name, f.name)] == f.default, f.name
+    bench = {p.name: p.default for p in cli.commands["bench"].params}
+    settings = BenchSettings()
+    assert (bench["batch"], bench["gallery"]) == (",".join(map(str, settings.batches)), ",".join(map(str, settings.gallery)))
+    for name in ("warmup", "runs", "threads", "cpu_model", "remote_python", "instructions", "run_dir", "formats", "precision"):
+        assert bench[name] == getattr(settings, name), name

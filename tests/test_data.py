@@ -1,4 +1,4 @@
-"""Datasets, preprocessing, splits and the P x K sampler, on real data and real files."""
+"""Datasets, splits and the P x K sampler, on real data and real files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from PIL import Image
 from edge_siamese.data import (
     FASHION_MNIST_DIR,
     PKSampler,
-    Preprocessing,
     load_dataset,
     load_fashion_mnist,
     load_npz,
@@ -74,15 +73,6 @@ def test_image_folder_rgb(tmp_path):
     ds = load_dataset(str(tmp_path))
     assert ds.images.shape == (6, 9, 11, 3) and ds.class_names == ["left", "right"]
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
-
-
-def test_preprocessing_fits_the_training_split_and_round_trips():
-    images = np.random.default_rng(0).integers(0, 17, (50, 8, 8, 1)).astype(np.uint8)
-    pre = Preprocessing.fit(images, 1 / 16)
-    x = pre(images)
-    assert x.shape == (50, 1, 8, 8) and x.dtype.is_floating_point
-    assert float(x.mean()) == pytest.approx(0, abs=1e-5) and float(x.std()) == pytest.approx(1, abs=1e-2)
-    assert Preprocessing.from_dict(pre.to_dict()) == pre
 
 
 @pytest.mark.parametrize("split", ["samples", "classes"])

@@ -11,13 +11,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from edge_siamese.demo import CLIENTS, demo_server as make_server
+from edge_siamese.app.demo import PAGE, demo_server as make_server
 
-from conftest import BAD_MANIFESTS, assert_one_line_error, copy_bundle, run_cli
+from conftest import BAD_MANIFESTS, assert_one_line_error, copy_bundle, demo_server, run_cli
 
 pytestmark = pytest.mark.skipif(
-    not (CLIENTS / "web" / "node_modules" / "onnxruntime-web").is_dir(),
-    reason="clients/web/node_modules is absent: run npm ci --prefix clients/web",
+    not (PAGE / "node_modules" / "onnxruntime-web").is_dir(),
+    reason="the page's node_modules is absent: run npm ci --prefix edge_siamese/app/web",
 )
 
 
@@ -42,7 +42,7 @@ def test_demo_serves_the_page_the_reader_the_runtimes_and_the_bundle(served, cli
     assert (status, kind) == (200, "text/html; charset=utf-8") and b'id="self-check"' in body
     assert get(base + "/")[2] == body  # / redirects to the page
     assert get(base + "/web/app.mjs")[1] == "text/javascript"
-    assert get(base + "/core/bundle.mjs")[2] == (CLIENTS / "core" / "bundle.mjs").read_bytes()
+    assert get(base + "/web/bundle.mjs")[2] == (PAGE / "bundle.mjs").read_bytes()
     status, kind, wasm = get(base + "/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm")
     assert kind == "application/wasm" and wasm[:4] == b"\0asm"
     assert get(base + "/node_modules/@litertjs/core/wasm/litert_wasm_internal.wasm")[2][:4] == b"\0asm"
@@ -91,11 +91,16 @@ def test_demo_refuses_a_folder_that_is_not_a_bundle(tmp_path):
     assert_one_line_error(run_cli("demo", tmp_path, check=False, timeout=60), "not a bundle")
 
 
-def test_demo_says_how_to_install_the_page(client_bundle, tmp_path):
-    assert_one_line_error(run_cli("demo", client_bundle, "--clients", tmp_path, check=False, timeout=60), "no web/index.html")
-    (tmp_path / "web").mkdir()
-    (tmp_path / "web" / "index.html").write_text("<!doctype html>")
-    assert_one_line_error(run_cli("demo", client_bundle, "--clients", tmp_path, check=False, timeout=60), "npm ci --prefix")
+def test_demo_names_the_npm_packages_it_lacks(client_bundle, tmp_path):
+    proc = run_cli("demo", client_bundle, "--clients", tmp_path, check=False, timeout=60)
+    assert_one_line_error(proc, "onnxruntime-web@1.30.0", "@litertjs/core@2.5.3", f"npm ci --prefix {PAGE}", "npm install --prefix DIR")
+
+
+def test_demo_serves_the_npm_packages_from_clients(client_bundle, tmp_path):
+    (tmp_path / "node_modules").symlink_to(PAGE / "node_modules")
+    with demo_server(client_bundle, "--clients", str(tmp_path)) as (_, url):
+        wasm = get(url.removesuffix("/web/") + "/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm")[2]
+    assert wasm[:4] == b"\0asm"
 
 
 def test_demo_refuses_a_port_out_of_range(client_bundle):

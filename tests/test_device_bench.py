@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, flip_byte, run_cli
-from device_bench.bench import GOLDEN_SLACK, LATENCY, RESULT, ROW_FAILED, ROW_OK, validate_result
+from device_bench.bench import GOLDEN_SLACK
+from device_bench.document import BENCH_SCHEMA_VERSION, LATENCY, RESULT, ROW_FAILED, ROW_VERIFIED, validate_result
 from device_bench.manifest import schema_paths
 from device_bench.manifest import MANIFEST, BundleError, read_bundle, sha256_file
 
@@ -147,9 +148,9 @@ def test_device_bench_never_imports_torch_edge_siamese_or_export(torch_free_run)
     assert "Traceback" not in proc.stderr
 
 
-def test_result_validates_and_every_file_is_an_ok_row(torch_free_run):
+def test_result_validates_and_every_file_is_a_verified_row(torch_free_run):
     result, manifest = validate_result(torch_free_run["result"]), torch_free_run["manifest"]
-    assert result["schema_version"] == 1
+    assert result["schema_version"] == BENCH_SCHEMA_VERSION
     assert result["target"] == {"name": "local", "emulated": False}
     assert result["bundle"]["manifest_sha256"] == sha256_file(torch_free_run["bundle"] / MANIFEST)
     assert (result["bundle"]["loss"], result["bundle"]["embedding_dim"], result["bundle"]["distance"]) == ("shadow", 8, "cosine")
@@ -157,7 +158,7 @@ def test_result_validates_and_every_file_is_an_ok_row(torch_free_run):
     assert [r["file"] for r in result["rows"]] == [e["path"] for e in manifest["files"]]
     assert {(e["format"], e["precision"]) for e in manifest["files"]} == {(f, p) for f in ("onnx", "tflite") for p in ("fp32", "int8")}
     for row, entry in zip(result["rows"], manifest["files"]):
-        assert row["status"] == "ok", row.get("error")
+        assert row["status"] == "verified", row.get("error")
         assert (row["format"], row["precision"], row["size_bytes"]) == (entry["format"], entry["precision"], entry["size_bytes"])
         assert row["runtime"] == {"onnx": "onnxruntime", "tflite": "litert"}[row["format"]]
         assert row["init_ms"] > 0 and row["first_inference_ms"] > 0
@@ -225,8 +226,8 @@ def test_validate_result_rejects_a_row_without_its_fields(torch_free_run):
     with pytest.raises(BundleError, match=r"rows\[0\]\.latency\[1\]\.p99_ms"):
         validate_result(broken)
     broken = json.loads(json.dumps(torch_free_run["result"]))
-    broken["schema_version"] = 2
-    with pytest.raises(BundleError, match="schema version 2"):
+    broken["schema_version"] = 1  # statuses were "ok" then
+    with pytest.raises(BundleError, match="schema version 1"):
         validate_result(broken)
 
 
@@ -301,7 +302,7 @@ def test_a_file_the_runtime_cannot_load_fails_its_row_only(bench_bundle, tmp_pat
     assert "Traceback" not in proc.stderr
     result = validate_result(json.loads(out.read_text()))
     ok, failed = result["rows"]
-    assert (ok["file"], ok["status"]) == ("model_fp32.onnx", "ok")
+    assert (ok["file"], ok["status"]) == ("model_fp32.onnx", "verified")
     assert (failed["file"], failed["status"], failed["size_bytes"]) == ("model_int8.onnx", "failed", 17 * 64)
     assert "INVALID_PROTOBUF" in failed["error"] or "Protobuf" in failed["error"]
     assert "latency" not in failed
@@ -354,7 +355,7 @@ def bench_schema_paths() -> set[str]:
     gallery = {"size": (int,), "precision": (str,), "bytes": (int,), **LATENCY}
     return (
         schema_paths(RESULT)
-        | schema_paths(ROW_OK, "rows[].")
+        | schema_paths(ROW_VERIFIED, "rows[].")
         | schema_paths(ROW_FAILED, "rows[].")
         | schema_paths({"batch": (int,), **LATENCY}, "rows[].latency[].")
         | schema_paths(gallery, "rows[].gallery[].")

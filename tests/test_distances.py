@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from device_bench import metrics as device_metrics
 from edge_siamese.distances import (
+    DISTANCES,
     CosineDistance,
     EuclideanDistance,
     L1Distance,
@@ -41,20 +43,24 @@ def _direct_matrix(name: str, emb: torch.Tensor, ref: torch.Tensor) -> torch.Ten
     return torch.tensor(rows, dtype=torch.float64)
 
 
-CASES = [
-    (EuclideanDistance(), "euclidean"),
-    (SquaredEuclideanDistance(), "squared_euclidean"),
-    (L1Distance(), "l1"),
-    (WeightedL1Distance(WEIGHTS), "weighted_l1"),
-    (CosineDistance(), "cosine"),
-    (ShadowDistance(normalize=True), "cosine"),
-    (ShadowDistance(normalize=False), "shadow"),
-]
-IDS = ["euclidean", "squared_euclidean", "l1", "weighted_l1", "cosine", "shadow_normalized", "shadow_raw"]
+def _registered(name: str):
+    """The distance ``DISTANCES`` calls ``name``; the weighted L1 on ``WEIGHTS``."""
+    cls = DISTANCES[name]
+    return cls(WEIGHTS) if cls is WeightedL1Distance else cls()
 
 
-@pytest.mark.parametrize(("distance", "formula"), CASES, ids=IDS)
-def test_matrix_pairwise_and_direct_formula_agree(distance, formula):
+@pytest.mark.parametrize("name", DISTANCES)
+def test_registered_under_its_own_name(name):
+    assert _registered(name).name == name
+
+
+def test_every_distance_is_one_the_device_computes():
+    assert set(DISTANCES) == set(device_metrics.DISTANCES)
+
+
+@pytest.mark.parametrize("name", DISTANCES)
+def test_matrix_pairwise_and_direct_formula_agree(name):
+    distance = _registered(name)
     gen = torch.Generator().manual_seed(0)
     emb = torch.randn(7, 5, generator=gen, dtype=torch.float64)
     ref = torch.randn(4, 5, generator=gen, dtype=torch.float64)
@@ -63,36 +69,36 @@ def test_matrix_pairwise_and_direct_formula_agree(distance, formula):
     assert matrix.shape == (7, 4)
     rows, cols = torch.meshgrid(torch.arange(7), torch.arange(4), indexing="ij")
     pairwise = distance.pairwise(emb[rows.flatten()], ref[cols.flatten()]).reshape(7, 4)
-    direct = _direct_matrix(formula, emb, ref)
+    direct = _direct_matrix(name, emb, ref)
 
     torch.testing.assert_close(matrix, direct, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(pairwise, direct, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize(("distance", "formula"), CASES, ids=IDS)
-def test_matrix_without_ref_is_against_the_batch_itself(distance, formula):
+@pytest.mark.parametrize("name", DISTANCES)
+def test_matrix_without_ref_is_against_the_batch_itself(name):
+    distance = _registered(name)
     emb = torch.randn(6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(distance(emb), distance(emb, emb))
-    torch.testing.assert_close(distance(emb), _direct_matrix(formula, emb, emb), rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(distance(emb), _direct_matrix(name, emb, emb), rtol=1e-9, atol=1e-6)
 
 
-def test_shadow_normalized_is_one_minus_cosine_and_named_cosine():
+def test_shadow_on_the_unit_sphere_is_the_cosine_distance():
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(9, 6, generator=gen, dtype=torch.float64) * 3
     x = torch.randn(9, 6, generator=gen, dtype=torch.float64)
-    shadow = ShadowDistance(normalize=True)
+    unit_a, unit_x = (torch.nn.functional.normalize(v, dim=1) for v in (a, x))
     cos = torch.nn.functional.cosine_similarity(a, x, dim=1)
-    torch.testing.assert_close(shadow.pairwise(a, x), 1 - cos, rtol=0, atol=1e-12)
-    torch.testing.assert_close(shadow(a, x), CosineDistance()(a, x), rtol=0, atol=1e-12)
-    assert shadow.name == "cosine"
-    assert ShadowDistance(normalize=False).name == "shadow"
-    assert ShadowDistance().name == "cosine"
+    torch.testing.assert_close(ShadowDistance().pairwise(unit_a, unit_x), 1 - cos, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ShadowDistance()(unit_a, unit_x), CosineDistance()(a, x), rtol=0, atol=1e-12)
+    # Off the sphere the two differ: the shadow distance depends on the anchor's length.
+    assert not torch.allclose(ShadowDistance()(a, x), CosineDistance()(a, x))
 
 
 def test_shadow_raw_by_hand_and_not_symmetric():
     a = torch.tensor([[3.0, 4.0]], dtype=torch.float64)  # ||a|| = 5
     x = torch.tensor([[6.0, 8.0]], dtype=torch.float64)  # shadow on a = 50 / 5 = 10
-    shadow = ShadowDistance(normalize=False)
+    shadow = ShadowDistance()
     assert shadow.pairwise(a, x).item() == pytest.approx(5.0)  # | 5 - 10 |
     assert shadow.pairwise(x, a).item() == pytest.approx(5.0)  # | 10 - 50 / 10 |
     y = torch.tensor([[4.0, -3.0]], dtype=torch.float64)  # orthogonal to a: shadow 0
@@ -119,8 +125,9 @@ def test_weighted_l1_ignores_zero_weighted_components():
     assert WeightedL1Distance(WEIGHTS).pairwise(a, b).item() == pytest.approx(3.5)
 
 
-@pytest.mark.parametrize(("distance", "formula"), CASES, ids=IDS)
-def test_finite_gradients_for_identical_embeddings(distance, formula):
+@pytest.mark.parametrize("name", DISTANCES)
+def test_finite_gradients_for_identical_embeddings(name):
+    distance = _registered(name)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     emb = torch.cat([x, x]).requires_grad_(True)  # every row has an exact duplicate
     distance(emb).sum().backward()
@@ -134,6 +141,27 @@ def test_finite_gradients_for_identical_embeddings(distance, formula):
     assert torch.allclose(d, torch.zeros_like(d), atol=1e-6)
 
 
+
+@pytest.mark.parametrize("name", DISTANCES)
+def test_weights_array_is_what_the_device_needs(name):
+    # The manifest's distance_weights: only the weighted L1 has any, as the numpy weights.
+    weights = _registered(name).weights_array()
+    if name == "weighted_l1":
+        assert isinstance(weights, np.ndarray)
+        np.testing.assert_array_equal(weights, WEIGHTS.numpy())
+    else:
+        assert weights is None
+
+
+def test_weights_array_reads_learned_weights_as_they_are_now():
+    rho = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    distance = WeightedL1Distance(lambda: torch.nn.functional.softplus(rho))
+    with torch.no_grad():
+        rho.copy_(torch.tensor([-1.0, 0.0, 2.0]))
+    weights = distance.weights_array()
+    assert isinstance(weights, np.ndarray)
+    np.testing.assert_allclose(weights, np.log1p(np.exp([-1.0, 0.0, 2.0])), rtol=1e-12)
+
 def test_euclidean_at_zero_has_eps_value_and_zero_gradient():
     x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64, requires_grad=True)
     d = EuclideanDistance().pairwise(x, x.detach().clone())
@@ -146,7 +174,7 @@ def test_euclidean_at_zero_has_eps_value_and_zero_gradient():
 
 def test_cosine_and_shadow_stay_finite_on_a_zero_vector():
     emb = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64, requires_grad=True)
-    for distance in (CosineDistance(), ShadowDistance(True), ShadowDistance(False)):
+    for distance in (CosineDistance(), ShadowDistance()):
         emb.grad = None
         d = distance(emb)
         d.sum().backward()

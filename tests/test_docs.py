@@ -16,7 +16,8 @@ from device_bench.manifest import SCHEMA, field_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "app-integration.md"
-CLIENT_CODE = [ROOT / "clients" / "core" / "bundle.mjs", ROOT / "clients" / "node" / "verify.mjs", ROOT / "clients" / "web" / "app.mjs"]
+PAGE = ROOT / "edge_siamese" / "app" / "web"
+CLIENT_CODE = [PAGE / "bundle.mjs", ROOT / "clients" / "node" / "verify.mjs", PAGE / "app.mjs"]
 # How the JS clients name what they read: the manifest, one of its files[] (io: its input or output), and its sections.
 JS_MEMBERS = {"at", "every", "filter", "find", "flatMap", "forEach", "length", "map", "some", "json"}  # array methods; "manifest.json" in messages
 JS_NAMES = {"manifest": "", "entry": "files[].", "io": "files[].input.", "pre": "preprocessing.", "embedding": "embedding.", "thresholds": "thresholds.", "training": "training."}
@@ -31,7 +32,6 @@ APP_FIELDS = {
     "files[].status",
     "preprocessing.resize",
     "preprocessing.channels",
-    "preprocessing.color",
     "preprocessing.scale",
     "preprocessing.mean",
     "preprocessing.std",
@@ -85,7 +85,7 @@ def client_field_tokens() -> set[str]:
 
 
 def checked_fields() -> set[str]:
-    """The fields clients/core/bundle.mjs's checkManifest requires (REQUIRED, and FILE_REQUIRED in every files[] entry)."""
+    """The fields the JS reader's (bundle.mjs) checkManifest requires (REQUIRED, and FILE_REQUIRED in every files[] entry)."""
     code = CLIENT_CODE[0].read_text()
     lists = {name: re.findall(r'"([\w.-]+)"', body) for name, body in re.findall(r"const (REQUIRED|FILE_REQUIRED) = \[(.*?)\];", code, re.S)}
     return set(lists["REQUIRED"]) | {f"files[].{field}" for field in lists["FILE_REQUIRED"]} | {"schema_version", "files"}

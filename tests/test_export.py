@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from conftest import assert_one_line_error, flip_byte, run_cli
-from device_bench.formats import FORMATS, file_name
+from device_bench.formats import FORMATS, PRECISIONS, Precision, file_name
 from device_bench.manifest import MANIFEST, BundleError, read_bundle, sha256_file
 from device_bench.runtimes import open_runtime
 
@@ -96,7 +96,7 @@ def test_every_format_and_precision_is_verified_and_described(exported):
     assert m["embedding"]["l2_normalized"] is True and m["embedding"]["distance_weights"] is None
     assert m["input"] == {"name": "images", "shape": [-1, 1, 8, 8], "layout": "NCHW", "dtype": "float32"}
     pre = m["preprocessing"]
-    assert (pre["scale"], pre["raw_range"], pre["color"], pre["channels"]) == (1 / 16, [0.0, 16.0], "grey", 1)
+    assert (pre["scale"], pre["raw_range"], pre["resize"], pre["channels"]) == (1 / 16, [0.0, 16.0], [8, 8], 1)
     assert 0 < m["thresholds"]["far_1e-3"] <= m["thresholds"]["far_1e-2"]
 
 
@@ -252,6 +252,20 @@ def test_onnx_io_and_metadata_props_mirror_the_manifest(request, name, fmt, prec
     assert props["edge_siamese.loss"] == manifest["training"]["loss"]
 
 
+@pytest.mark.parametrize("name, fmt, precision", [c for c in FILES if c[1] == "tflite"])
+def test_tflite_metadata_mirrors_the_manifest_as_onnx_does(request, name, fmt, precision):
+    """Every format that holds metadata carries the same keys: ONNX's metadata_props, TFLite's metadata buffers."""
+    from export.tflite import read_metadata
+
+    manifest, path, _ = model_file(request, name, fmt, precision)
+    ours = {k: v for k, v in read_metadata(path).items() if k.startswith("edge_siamese.")}
+    onnx_props = {p.key: p.value for p in onnx.load(str(path.with_suffix(".onnx"))).metadata_props}
+    assert ours == onnx_props
+    for key in ("preprocessing", "embedding", "thresholds"):
+        assert json.loads(ours[f"edge_siamese.{key}"]) == manifest[key]
+    assert open_runtime(path, fmt).run(read_bundle(path.parent).golden()["inputs"]).shape[1] == manifest["embedding"]["dim"]
+
+
 # -- an independent re-check from golden.npz -----------------------------------------------------
 
 
@@ -334,14 +348,14 @@ def test_a_deleted_manifest_field_is_named(bundle_copy, path, named):
 
 def run_cli_after(setup: str, *args: str) -> subprocess.CompletedProcess:
     """The CLI's ``main`` in a fresh interpreter, after ``setup`` (Python source) has run."""
-    code = f"import sys\n{setup}\nfrom edge_siamese.cli import main\nmain(sys.argv[1:])\n"
+    code = f"import sys\n{setup}\nfrom edge_siamese.app.cli import main\nmain(sys.argv[1:])\n"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 # What an environment without the tflite extra looks like to find_spec and to import: None in
 # sys.modules (a meta-path finder cannot make find_spec answer None while the packages are installed).
 WITHOUT_TFLITE = "for name in ('litert_torch', 'ai_edge_quantizer', 'ai_edge_litert'):\n    sys.modules[name] = None"
-STRICT_INT8 = (0.999999, 0.0, None)  # no int8 file reaches a mean cosine of 0.999999
+STRICT_INT8 = Precision(1, 0.999999, 0.0, None)  # no int8 file reaches a mean cosine of 0.999999
 
 
 @pytest.fixture
@@ -471,15 +485,15 @@ def test_without_the_tflite_extra_the_default_is_onnx_with_a_note(shadow_run, ou
 def test_a_degraded_file_writes_no_bundle_unless_allowed(shadow_run, out_parent, monkeypatch):
     from export import exporter
 
-    monkeypatch.setitem(exporter.TOLERANCES, "int8", STRICT_INT8)
+    monkeypatch.setitem(PRECISIONS, "int8", STRICT_INT8)
     out = out_parent / "bundle"
     rows, written = exporter.export_run(shadow_run, out, ["onnx"], ["fp32", "int8"], progress=False)
     assert written is None
     assert_nothing_written(out_parent)
     assert [(r.format, r.precision, r.status) for r in rows] == [("onnx", "fp32", "verified"), ("onnx", "int8", "degraded")]
     int8 = rows[1]
-    assert int8.fidelity["mean_cosine"] < STRICT_INT8[0]
-    assert int8.problem.startswith(f"mean cosine {int8.fidelity['mean_cosine']:.5f} < {STRICT_INT8[0]}")
+    assert int8.fidelity["mean_cosine"] < STRICT_INT8.min_mean_cosine
+    assert int8.problem.startswith(f"mean cosine {int8.fidelity['mean_cosine']:.5f} < {STRICT_INT8.min_mean_cosine}")
     assert rows[0].problem == ""
 
     rows, written = exporter.export_run(shadow_run, out, ["onnx"], ["fp32", "int8"], allow_degraded=True, progress=False)
@@ -496,10 +510,10 @@ def test_the_cli_names_the_figures_and_the_way_out_and_keeps_the_old_bundle(shad
     out.mkdir()
     (out / "old.txt").write_text("the previous bundle")
     (out / MANIFEST).write_text("{}")
-    setup = f"import export.exporter\nexport.exporter.TOLERANCES['int8'] = {STRICT_INT8!r}"
+    setup = f"from device_bench.formats import PRECISIONS, Precision\nPRECISIONS['int8'] = {STRICT_INT8!r}"
     proc = run_cli_after(setup, "export", shadow_run, "--format", "onnx", "--int8", "--quiet", "--out", out, "--force", "--zip")
     assert_one_line_error(
-        proc, "no bundle written: onnx int8: mean cosine 0.99", f"< {STRICT_INT8[0]}", "more --calib-samples", "--allow-degraded"
+        proc, "no bundle written: onnx int8: mean cosine 0.99", f"< {STRICT_INT8.min_mean_cosine}", "more --calib-samples", "--allow-degraded"
     )
     rows = [line.split() for line in proc.stdout.splitlines()[1:]]
     assert [row[:3] for row in rows] == [["onnx", "fp32", "verified"], ["onnx", "int8", "degraded"]]

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
-from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from edge_siamese.distances import SquaredEuclideanDistance, WeightedL1Distance
+from edge_siamese.distances import DISTANCES, SquaredEuclideanDistance, WeightedL1Distance
 from edge_siamese.errors import UserError
 from edge_siamese.losses import (
     LOSSES,
@@ -28,6 +28,7 @@ from edge_siamese.losses import (
     create_loss,
 )
 from edge_siamese.losses.base import all_pairs, to_pairs, to_triplets
+from edge_siamese.models import HEADS
 
 REDUCTIONS = ("mean_active", "mean")
 MARGIN_LOSSES = {
@@ -172,7 +173,7 @@ def test_triplet_explicit_mean_equals_torch_triplet_margin_loss():
     gen = torch.Generator().manual_seed(7)
     a, p, n = (torch.randn(50, 8, generator=gen) for _ in range(3))
     for margin in (0.1, 0.5, 2.0):
-        got = TripletMarginLoss(margin=margin, reduction="mean")(a, p, n)
+        got = TripletMarginLoss(margin=margin, reduction="mean").from_triplets(a, p, n)
         want = torch.nn.functional.triplet_margin_loss(a, p, n, margin=margin)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -182,8 +183,8 @@ def test_triplet_explicit_mean_active_averages_nonzero_terms():
     p = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64)
     n = torch.tensor([[0.5], [3.0], [1.25]], dtype=torch.float64)
     # hinges with margin 1: 1.5, 0 (-1), 0.75
-    assert TripletMarginLoss(1.0)(a, p, n).item() == pytest.approx(2.25 / 2)
-    assert TripletMarginLoss(1.0, reduction="mean")(a, p, n).item() == pytest.approx(2.25 / 3)
+    assert TripletMarginLoss(1.0).from_triplets(a, p, n).item() == pytest.approx(2.25 / 2)
+    assert TripletMarginLoss(1.0, reduction="mean").from_triplets(a, p, n).item() == pytest.approx(2.25 / 3)
 
 
 def _pml_triplet(margin: float, squared: bool, reduction: str) -> pml_losses.TripletMarginLoss:
@@ -295,7 +296,8 @@ triplet_arrays = st.integers(1, 6).flatmap(
 def test_shadow_normalized_explicit_is_cosine_hinge(triplet, margin):
     a, p, n = triplet
     want = np.maximum(_cos(a, n) - _cos(a, p) + margin, 0).mean()
-    got = ShadowLoss(margin=margin, normalize=True, reduction="mean")(*(torch.from_numpy(x) for x in triplet))
+    loss = ShadowLoss(margin=margin, normalize=True, reduction="mean")
+    got = loss.from_triplets(*(torch.from_numpy(x) for x in triplet))
     assert got.item() == pytest.approx(want, abs=1e-9)
 
 
@@ -310,23 +312,38 @@ def test_shadow_explicit_equals_in_batch_with_indices(normalize, reduction):
     a, p, n = (idx[pick] for idx in valid)
     loss = ShadowLoss(margin=0.3, normalize=normalize, reduction=reduction)
 
-    explicit, explicit_grad = loss_and_grad(lambda x: loss(x[a], x[p], x[n]), emb)
+    explicit, explicit_grad = loss_and_grad(lambda x: loss.from_triplets(x[a], x[p], x[n]), emb)
     in_batch, in_batch_grad = loss_and_grad(lambda x: loss(x, labels, indices_tuple=(a, p, n)), emb)
     torch.testing.assert_close(explicit, in_batch, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(explicit_grad, in_batch_grad, rtol=1e-7, atol=1e-10)
     assert explicit.item() > 0
 
 
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_shadow_normalized_is_the_raw_shadow_loss_of_unit_embeddings(reduction):
+    # On the unit sphere ||a|| = 1 and the shadow distance is 1 - cos: normalize=True trains it.
+    gen = torch.Generator().manual_seed(18)
+    emb = torch.randn(20, 5, generator=gen, dtype=torch.float64) * (0.5 + 5 * torch.rand(20, 1, generator=gen))
+    labels = torch.randint(4, (20,), generator=gen)
+    normalized = ShadowLoss(margin=0.3, normalize=True, reduction=reduction)
+    raw = ShadowLoss(margin=0.3, normalize=False, reduction=reduction)
+    got, got_grad = loss_and_grad(lambda x: normalized(x, labels), emb)
+    want, want_grad = loss_and_grad(lambda x: raw(x / x.norm(dim=1, keepdim=True), labels), emb)
+    assert got.item() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-12)
+
 def test_shadow_raw_by_hand():
     a = torch.tensor([[3.0, 4.0]], dtype=torch.float64)  # ||a|| = 5
     p = torch.tensor([[6.0, 8.0]], dtype=torch.float64)  # s_p = 50 / 5 = 10 -> delta_p = 5
     n = torch.tensor([[3.0, 0.0]], dtype=torch.float64)  # s_n = 9 / 5 = 1.8 -> delta_n = 3.2
     loss = ShadowLoss(margin=0.5, normalize=False)
-    assert loss(a, p, n).item() == pytest.approx(5 - 3.2 + 0.5)
+    assert loss.from_triplets(a, p, n).item() == pytest.approx(5 - 3.2 + 0.5)
     # A negative whose shadow falls far from ||a||: inactive, the mean over no active term is 0.
     far = torch.tensor([[-10.0, 0.0]], dtype=torch.float64)  # s = -6 -> delta = 11
-    assert loss(a, p, far).item() == 0.0
-    assert ShadowLoss(margin=0.5, normalize=False, reduction="mean")(
+    assert loss.from_triplets(a, p, far).item() == 0.0
+    assert ShadowLoss(margin=0.5, normalize=False, reduction="mean").from_triplets(
         torch.cat([a, a]), torch.cat([p, p]), torch.cat([n, far])
     ).item() == pytest.approx(2.3 / 2)
 
@@ -341,12 +358,12 @@ def test_lossless_formula_by_hand():
     n = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)  # d- = 2
     eps = 1e-8
     want = -math.log(1 - 0.25 / 3 + eps) - math.log(1 - (3 - 2) / 3 + eps)
-    assert LosslessTripletLoss(n_dim)(a, p, n).item() == pytest.approx(want, rel=1e-12)
+    assert LosslessTripletLoss(n_dim).from_triplets(a, p, n).item() == pytest.approx(want, rel=1e-12)
     # beta other than N changes only the divisor.
     want_beta = -math.log(1 - 0.25 / 6 + eps) - math.log(1 - (3 - 2) / 6 + eps)
-    assert LosslessTripletLoss(n_dim, beta=6)(a, p, n).item() == pytest.approx(want_beta, rel=1e-12)
+    assert LosslessTripletLoss(n_dim, beta=6).from_triplets(a, p, n).item() == pytest.approx(want_beta, rel=1e-12)
     # The perfect triplet (p on a, n at the opposite corner) costs -2 ln(1 + eps), about 0.
-    perfect = LosslessTripletLoss(n_dim)(a, a, torch.ones(1, 3, dtype=torch.float64))
+    perfect = LosslessTripletLoss(n_dim).from_triplets(a, a, torch.ones(1, 3, dtype=torch.float64))
     assert perfect.item() == pytest.approx(-2 * math.log1p(eps), rel=1e-6)
 
 
@@ -382,7 +399,7 @@ def test_lossless_rejects_values_outside_unit_interval(bad):
     with pytest.raises(UserError, match="sigmoid"):
         loss(emb, torch.tensor([0, 0, 1, 1]))
     with pytest.raises(UserError, match="sigmoid"):
-        loss(emb[:1], emb[1:2], emb[2:3])
+        loss.from_triplets(emb[:1], emb[1:2], emb[2:3])
 
 
 def test_lossless_rejects_wrong_embedding_dim():
@@ -398,11 +415,11 @@ def test_contrastive_formula_by_hand_and_label_convention():
     x2 = torch.tensor([[3.0, 4.0], [0.3, 0.4], [3.0, 4.0]], dtype=torch.float64)  # d = 5, 0.5, 5
     loss = ContrastiveLoss(margin=1.0)
     # same pair (y = 1): d^2 / 2
-    assert loss(x1[:1], x2[:1], torch.tensor([1])).item() == pytest.approx(12.5)
+    assert loss.from_pairs(x1[:1], x2[:1], torch.tensor([1])).item() == pytest.approx(12.5)
     # different pair (y = 0) closer than the margin: (1 - 0.5)^2 / 2; beyond it: 0
-    assert loss(x1[1:2], x2[1:2], torch.tensor([0])).item() == pytest.approx(0.125)
-    assert loss(x1[2:], x2[2:], torch.tensor([0])).item() == 0.0
-    both = loss(x1, x2, torch.tensor([1, 0, 0]))
+    assert loss.from_pairs(x1[1:2], x2[1:2], torch.tensor([0])).item() == pytest.approx(0.125)
+    assert loss.from_pairs(x1[2:], x2[2:], torch.tensor([0])).item() == 0.0
+    both = loss.from_pairs(x1, x2, torch.tensor([1, 0, 0]))
     assert both.item() == pytest.approx((12.5 + 0.125 + 0.0) / 3)
 
 
@@ -455,7 +472,7 @@ def test_koch_bce_formula_by_hand():
     for x, y, t in zip(h1.numpy(), h2.numpy(), same.numpy()):
         prob = 1 / (1 + np.exp(-(0.7 - (w * np.abs(x - y)).sum())))
         terms.append(-t * np.log(prob) - (1 - t) * np.log(1 - prob))
-    assert loss(h1, h2, same).item() == pytest.approx(np.mean(terms), rel=1e-5)
+    assert loss.from_pairs(h1, h2, same).item() == pytest.approx(np.mean(terms), rel=1e-5)
     torch.testing.assert_close(loss.weights, torch.tensor(w, dtype=torch.float32))
     assert isinstance(loss.distance, WeightedL1Distance)
     torch.testing.assert_close(loss.distance.weights, loss.weights)
@@ -488,37 +505,39 @@ def test_koch_in_batch_equals_explicit_over_all_ordered_pairs():
     labels = torch.randint(3, (9,), generator=gen)
     loss = KochLoss(embedding_dim=4).double()
     i, j = (~torch.eye(9, dtype=torch.bool)).nonzero(as_tuple=True)
-    explicit = loss(emb[i], emb[j], (labels[i] == labels[j]).double())
+    explicit = loss.from_pairs(emb[i], emb[j], (labels[i] == labels[j]).double())
     torch.testing.assert_close(loss(emb, labels), explicit, rtol=1e-10, atol=1e-12)
 
 
-# --- registry ----------------------------------------------------------------------------------
+# --- registry ---------------------------------------------------------------------------------
 
 
-def test_registry_names_and_types():
-    assert set(LOSSES) == {"triplet", "shadow", "shadow-raw", "lossless", "contrastive", "koch"}
-    expected = {
-        "triplet": (TripletMarginLoss, 0.2, "euclidean"),
-        "shadow": (ShadowLoss, 0.2, "cosine"),
-        "shadow-raw": (ShadowLoss, 0.2, "shadow"),
-        "lossless": (LosslessTripletLoss, None, "squared_euclidean"),
-        "contrastive": (ContrastiveLoss, 1.0, "euclidean"),
-        "koch": (KochLoss, None, "weighted_l1"),
-    }
-    for name, (cls, margin, distance) in expected.items():
-        loss = create_loss(name, embedding_dim=8)
-        assert type(loss) is cls
-        assert getattr(loss, "margin", None) == margin
-        assert loss.distance.name == distance
-    assert create_loss("shadow", 8).normalize is True
-    assert create_loss("shadow-raw", 8).normalize is False
-    assert create_loss("lossless", 8).embedding_dim == 8
-    assert create_loss("koch", 8).rho.shape == (8,)
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_registered_loss_builds_with_the_margin_its_spec_reports(name):
+    spec = LOSSES[name]
+    loss = create_loss(name, embedding_dim=8)
+    assert type(loss) is spec.cls
+    assert getattr(loss, "margin", None) == spec.margin
+    if spec.margin is None:
+        with pytest.raises(UserError, match="no margin"):
+            create_loss(name, 8, margin=0.37)
+    else:
+        assert spec.margin > 0
+        assert create_loss(name, 8, margin=0.37).margin == 0.37
 
 
-def test_registry_explicit_margin():
-    assert create_loss("shadow", 8, margin=0.5).margin == 0.5
-    assert create_loss("contrastive", 8, margin=0.3).margin == 0.3
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_registered_loss_trains_on_its_heads_output_with_a_distance_a_device_knows(name):
+    spec = LOSSES[name]
+    loss = spec.build(embedding_dim=8)
+    assert DISTANCES[loss.distance.name] is type(loss.distance)
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(16, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(4, (16,), generator=gen)
+    value = loss(HEADS[spec.head].module()(x), labels)
+    value.backward()
+    assert math.isfinite(value.item()) and value.item() > 0
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_registry_unknown_name_raises():
@@ -526,7 +545,134 @@ def test_registry_unknown_name_raises():
         create_loss("nope", 8)
 
 
-@pytest.mark.parametrize("name", ["lossless", "koch"])
-def test_registry_margin_on_marginless_loss_raises(name):
-    with pytest.raises(UserError, match="no margin"):
-        create_loss(name, 8, margin=0.1)
+# --- pytorch-metric-learning's call, exactly ------------------------------------------------------
+
+# pml miners, each giving one kind of tuple: (a, p, n), or (a1, p, a2, n) pairs. They mine the raw
+# outputs (pml's distance normalises them), so every loss gets the same tuples whatever its head;
+# the margins keep a strict subset of the batch's triplets and pairs.
+PML_MINERS = {
+    "triplet_margin_all": lambda: pml_miners.TripletMarginMiner(margin=0.1, type_of_triplets="all"),
+    "pair_margin": lambda: pml_miners.PairMarginMiner(pos_margin=1.2, neg_margin=1.4),
+    "batch_easy_hard": lambda: pml_miners.BatchEasyHardMiner(),
+}
+
+# Our losses that pml has, built from our registry with this margin, and pml's twin.
+PML_TWINS = {
+    "triplet": lambda margin: pml_losses.TripletMarginLoss(margin=margin, distance=LpDistance()),
+    # pml's hinge on similarities, s_an - s_ap + m, is (1 - cos_ap) - (1 - cos_an) + m.
+    "shadow": lambda margin: pml_losses.TripletMarginLoss(margin=margin, distance=CosineSimilarity()),
+}
+
+
+def _pml_batch(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """32 raw outputs (float64) and labels of 4 classes, and the head the registry gives the loss."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(32, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(4, (32,), generator=gen)
+    return x, labels, HEADS[LOSSES[name].head].module()
+
+
+def _mined(miner: str, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    indices = PML_MINERS[miner]()(x, labels)
+    assert all(len(i) > 0 for i in indices), "the example must mine pairs/triplets of every kind"
+    return indices
+
+
+def _shadow_raw_by_formula(loss, emb, labels, indices):
+    a, p, n = lmu.convert_to_triplets(indices, labels)
+
+    def delta(anchor, x):  # | ||a|| - a.x / ||a|| |
+        norm = anchor.pow(2).sum(1).sqrt()
+        return (norm - (anchor * x).sum(1) / norm).abs()
+
+    hinge = torch.relu(delta(emb[a], emb[p]) - delta(emb[a], emb[n]) + loss.margin)
+    return hinge.sum() / (hinge > 0).sum()
+
+
+def _lossless_by_formula(loss, emb, labels, indices):
+    a, p, n = lmu.convert_to_triplets(indices, labels)
+    dim, eps = emb.shape[1], 1e-8  # beta = N
+    d_pos = (emb[a] - emb[p]).pow(2).sum(1)
+    d_neg = (emb[a] - emb[n]).pow(2).sum(1)
+    return (-torch.log(1 - d_pos / dim + eps) - torch.log(1 - (dim - d_neg) / dim + eps)).mean()
+
+
+def _contrastive_by_formula(loss, emb, labels, indices):
+    a1, p, a2, n = lmu.convert_to_pairs(indices, labels)
+    d_pos = (emb[a1] - emb[p]).pow(2).sum(1).sqrt()
+    d_neg = (emb[a2] - emb[n]).pow(2).sum(1).sqrt()
+    return torch.cat([0.5 * d_pos.pow(2), 0.5 * torch.relu(loss.margin - d_neg).pow(2)]).mean()
+
+
+def _koch_by_formula(loss, emb, labels, indices):
+    a1, p, a2, n = lmu.convert_to_pairs(indices, labels)
+    weights = torch.log1p(torch.exp(loss.rho))
+    logit_pos = loss.bias - (weights * (emb[a1] - emb[p]).abs()).sum(1)
+    logit_neg = loss.bias - (weights * (emb[a2] - emb[n]).abs()).sum(1)
+    # -y log p - (1 - y) log(1 - p), p = sigmoid(logit): y = 1 for the pairs (a1, p), 0 for (a2, n)
+    log_sigmoid = torch.nn.functional.logsigmoid
+    return torch.cat([-log_sigmoid(logit_pos), -log_sigmoid(-logit_neg)]).mean()
+
+
+# Our losses that pml lacks: the formula on the tuples, and a margin that keeps both of the
+# loss's branches active on the test batch (None: the loss has no margin).
+FORMULAS = {
+    "shadow-raw": (_shadow_raw_by_formula, 0.5),
+    "lossless": (_lossless_by_formula, None),
+    "contrastive": (_contrastive_by_formula, 4.0),
+    "koch": (_koch_by_formula, None),
+}
+
+
+def _built(name: str, margin: float | None) -> torch.nn.Module:
+    loss = LOSSES[name].build(embedding_dim=8, margin=margin).double()
+    if isinstance(loss, KochLoss):  # a head away from its zero initialisation
+        with torch.no_grad():
+            loss.rho.copy_(torch.linspace(-1.0, 1.0, 8, dtype=torch.float64))
+            loss.bias.fill_(1.5)
+    return loss
+
+
+@pytest.mark.parametrize("miner", PML_MINERS)
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_loss_takes_a_pml_miners_tuple_positionally(name, miner):
+    x, labels, head = _pml_batch(name)
+    emb = head(x)
+    indices = _mined(miner, x, labels)
+    loss = _built(name, None)
+    positional = loss(emb, labels, indices)
+    assert torch.equal(positional, loss(emb, labels, indices_tuple=indices))
+    assert positional.item() != pytest.approx(loss(emb, labels).item(), rel=1e-6), "the tuple must be used"
+
+
+def test_every_registered_loss_is_checked_against_pml_or_its_formula():
+    assert set(PML_TWINS) | set(FORMULAS) == set(LOSSES)
+    assert not set(PML_TWINS) & set(FORMULAS)
+
+
+@pytest.mark.parametrize("miner", PML_MINERS)
+@pytest.mark.parametrize("name", PML_TWINS)
+def test_loss_with_a_pml_twin_equals_it_on_pml_mined_tuples(name, miner):
+    x, labels, head = _pml_batch(name)
+    indices = _mined(miner, x, labels)
+    margin = 0.3
+    loss = _built(name, margin)
+    got, got_grad = loss_and_grad(lambda x: loss(head(x), labels, indices), x)
+    want, want_grad = loss_and_grad(lambda x: PML_TWINS[name](margin)(head(x), labels, indices), x)
+    assert got.item() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("miner", PML_MINERS)
+@pytest.mark.parametrize("name", FORMULAS)
+def test_loss_without_a_pml_twin_equals_its_formula_on_pml_mined_tuples(name, miner):
+    x, labels, head = _pml_batch(name)
+    indices = _mined(miner, x, labels)
+    formula, margin = FORMULAS[name]
+    loss = _built(name, margin)
+    got, got_grad = loss_and_grad(lambda x: loss(head(x), labels, indices), x)
+    want, want_grad = loss_and_grad(lambda x: formula(loss, head(x), labels, indices), x)
+    assert got.item() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-12)

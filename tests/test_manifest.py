@@ -7,13 +7,15 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from device_bench.formats import FORMATS, PRECISIONS, file_name
+from device_bench.formats import file_name
 from device_bench.manifest import (
     MANIFEST,
+    SCHEMA,
     SCHEMA_VERSION,
     Bundle,
     BundleError,
@@ -22,6 +24,7 @@ from device_bench.manifest import (
     sha256_file,
     validate_manifest,
 )
+from device_bench.preprocessing import Preprocessing
 
 FIDELITY = {
     "num_samples": 359,
@@ -59,10 +62,8 @@ def valid_manifest() -> dict:
         "preprocessing": {
             "raw_range": [0.0, 16.0],
             "resize": [8, 8],
-            "resize_method": "bilinear",
             "grey_conversion": "ITU-R 601-2 luma: 0.299 R + 0.587 G + 0.114 B",
             "channels": 1,
-            "color": "grey",
             "scale": 0.0625,
             "mean": [0.3],
             "std": [0.37],
@@ -155,24 +156,23 @@ def test_unknown_precision_format_or_status_is_refused(key, value):
 def test_field_names_lists_nested_and_per_file_fields():
     names = field_names()
     assert {"schema_version", "embedding", "embedding.dim", "thresholds.far_1e-3", "eval.sha256", "files"} <= names
-    assert {"preprocessing.raw_range", "preprocessing.resize_method", "preprocessing.grey_conversion"} <= names
+    assert {"preprocessing.raw_range", "preprocessing.resize", "preprocessing.grey_conversion"} <= names
     assert {"files[].path", "files[].fidelity.min_cosine", "files[].input.scale", "files[].output.zero_point"} <= names
     assert not any(n.startswith("files[].files[]") for n in names)
 
 
-def test_file_name_is_model_precision_suffix():
-    assert file_name("onnx", "int8") == "model_int8.onnx"
-    assert file_name("tflite", "fp16") == "model_fp16.tflite"
-    assert {file_name(f, p) for f in FORMATS for p in FORMATS[f].precisions} == {
-        f"model_{p}.{f}" for f in ("onnx", "tflite") for p in PRECISIONS
-    }
+def test_a_manifest_written_by_toolkit_0_1_0_still_validates():
+    """0.1.0 also wrote preprocessing.resize_method and preprocessing.color, which nothing read."""
+    old = valid_manifest()
+    old["preprocessing"] |= {"resize_method": "bilinear", "color": "grey"}
+    assert validate_manifest(old) is old
+    assert Bundle(Path("."), old).preprocessing == Bundle(Path("."), valid_manifest()).preprocessing
 
 
-def test_format_table_is_consistent():
-    for name, fmt in FORMATS.items():
-        assert fmt.name == name and fmt.suffix == f".{name}"
-        assert set(fmt.precisions) <= set(PRECISIONS) and fmt.runtimes
-    assert FORMATS["tflite"].runtimes[0] == "litert"
+def test_the_exporters_preprocessing_block_is_the_one_the_schema_asks_for():
+    block = Preprocessing((8, 8), 1, 1 / 16, (0.3,), (0.37,)).to_dict()
+    assert set(block) == set(SCHEMA["preprocessing"])
+    assert Preprocessing.from_dict(block) == Preprocessing((8, 8), 1, 1 / 16, (0.3,), (0.37,))
 
 
 def test_bundle_file_finds_an_entry_or_lists_what_there_is(tmp_path):

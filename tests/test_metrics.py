@@ -16,14 +16,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.metrics import roc_auc_score, silhouette_score
 
 from device_bench.metrics import DISTANCES, pairwise_distances, retrieval_metrics, silhouette, verification_metrics
-from edge_siamese.distances import (
-    CosineDistance,
-    EuclideanDistance,
-    L1Distance,
-    ShadowDistance,
-    SquaredEuclideanDistance,
-    WeightedL1Distance,
-)
+from edge_siamese.distances import DISTANCES as TORCH_DISTANCES
 
 REPO = Path(__file__).resolve().parents[1]
 RANK_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
@@ -279,31 +272,16 @@ def test_silhouette_subsample_is_seeded():
 # --- distances ---------------------------------------------------------------------------------
 
 
-TORCH_DISTANCES = {
-    "euclidean": lambda w: EuclideanDistance(),
-    "squared_euclidean": lambda w: SquaredEuclideanDistance(),
-    "cosine": lambda w: CosineDistance(),
-    "l1": lambda w: L1Distance(),
-    "weighted_l1": lambda w: WeightedL1Distance(torch.from_numpy(w)),
-    "shadow": lambda w: ShadowDistance(normalize=False),
-}
-
-
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_numpy_distances_equal_the_training_distances(distance):
     rng = np.random.default_rng(14)
     q, r = rng.normal(size=(9, 5)), rng.normal(size=(6, 5))
     weights = weights_for(distance, 5)
     got = pairwise_distances(q, r, distance, weights)
-    want = TORCH_DISTANCES[distance](weights)(torch.from_numpy(q), torch.from_numpy(r)).numpy()
+    cls = TORCH_DISTANCES[distance]
+    torch_distance = cls(torch.from_numpy(weights)) if distance == "weighted_l1" else cls()
+    want = torch_distance(torch.from_numpy(q), torch.from_numpy(r)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
-
-
-def test_shadow_normalized_and_cosine_agree_on_the_device():
-    rng = np.random.default_rng(15)
-    q = rng.normal(size=(5, 4))
-    want = ShadowDistance(normalize=True)(torch.from_numpy(q)).numpy()
-    np.testing.assert_allclose(pairwise_distances(q, q, ShadowDistance(normalize=True).name), want, atol=1e-12)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from edge_siamese.distances import EuclideanDistance, ShadowDistance, SquaredEuclideanDistance
+from edge_siamese.distances import CosineDistance, EuclideanDistance, ShadowDistance, SquaredEuclideanDistance
 from edge_siamese.errors import UserError
 from edge_siamese.losses import KochLoss, ShadowLoss, TripletMarginLoss
 from edge_siamese.miners import MINERS, BatchHardMiner, TripletMarginMiner, create_miner
@@ -18,6 +19,10 @@ TYPES = ("all", "hard", "semihard", "easy")
 def _batch(seed: int, size: int = 30, num_classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(size, 5, generator=gen, dtype=torch.float64), torch.randint(num_classes, (size,), generator=gen)
+
+
+def _triplets(indices) -> set[tuple[int, int, int]]:
+    return set(zip(*(x.tolist() for x in indices)))
 
 
 def _assert_same_tuple(got, want) -> None:
@@ -42,7 +47,7 @@ def test_triplet_margin_miner_equals_pml(type_of_triplets, seed, num_classes):
 
 def test_triplet_margin_miner_types_partition_all_valid_triplets():
     emb, labels = _batch(3)
-    mined = {t: set(zip(*(x.tolist() for x in TripletMarginMiner(0.5, t)(emb, labels)))) for t in TYPES}
+    mined = {t: _triplets(TripletMarginMiner(0.5, t)(emb, labels)) for t in TYPES}
     assert mined["hard"] | mined["semihard"] == mined["all"]
     assert not mined["hard"] & mined["semihard"]
     assert not mined["all"] & mined["easy"]
@@ -84,10 +89,10 @@ def test_miner_with_one_class_returns_nothing():
 @pytest.mark.parametrize("type_of_triplets", TYPES)
 def test_miner_with_shadow_distance_selects_by_that_distance(type_of_triplets):
     emb, labels = _batch(6, size=16, num_classes=3)
-    distance = ShadowDistance(normalize=False)
+    distance = ShadowDistance()
     margin = 0.3
     a, p, n = TripletMarginMiner(margin, type_of_triplets, distance)(emb, labels)
-    got = set(zip(a.tolist(), p.tolist(), n.tolist()))
+    got = _triplets((a, p, n))
     want = set()
     for i in range(16):
         for j in range(16):
@@ -107,27 +112,29 @@ def test_miner_with_shadow_distance_selects_by_that_distance(type_of_triplets):
                     want.add((i, j, k))
     assert got == want
     assert got  # each type finds something on this batch
-    euclid = set(zip(*(x.tolist() for x in TripletMarginMiner(margin, type_of_triplets)(emb, labels))))
+    euclid = _triplets(TripletMarginMiner(margin, type_of_triplets)(emb, labels))
     assert got != euclid
 
 
-def test_batch_hard_with_shadow_distance_picks_extremes_of_that_distance():
+@pytest.mark.parametrize("distance", [ShadowDistance(), CosineDistance()], ids=["shadow", "cosine"])
+def test_batch_hard_with_another_distance_picks_extremes_of_that_distance(distance):
     emb, labels = _batch(7, size=12, num_classes=3)
-    distance = ShadowDistance(normalize=True)
-    dist = distance(emb)
     a, p, n = BatchHardMiner(distance)(emb, labels)
     for anchor, pos, neg in zip(a.tolist(), p.tolist(), n.tolist()):
         same = [j for j in range(12) if j != anchor and labels[j] == labels[anchor]]
         other = [j for j in range(12) if labels[j] != labels[anchor]]
-        assert pos == max(same, key=lambda j: dist[anchor, j].item())
-        assert neg == min(other, key=lambda j: dist[anchor, j].item())
+        # row-wise form, anchor first: the shadow distance is not symmetric
+        row = [distance.pairwise(emb[anchor : anchor + 1], emb[j : j + 1]).item() for j in range(12)]
+        assert pos == max(same, key=lambda j: row[j])
+        assert neg == min(other, key=lambda j: row[j])
+    assert _triplets((a, p, n)) != _triplets(BatchHardMiner()(emb, labels))
 
 
 def test_mined_all_triplets_give_the_same_mean_active_loss_as_batch_all():
     # "all" keeps every triplet with a non-zero hinge (plus the boundary), so the mean over the
     # active ones equals the exact batch-all.
     emb, labels = _batch(8)
-    for loss in (TripletMarginLoss(0.4), ShadowLoss(0.4, normalize=False)):
+    for loss in (TripletMarginLoss(0.4), ShadowLoss(0.4, normalize=True), ShadowLoss(0.4, normalize=False)):
         indices = TripletMarginMiner(0.4, "all", loss.distance)(emb, labels)
         torch.testing.assert_close(loss(emb, labels, indices_tuple=indices), loss(emb, labels))
 
@@ -149,7 +156,23 @@ def test_create_miner():
         miner = create_miner(name, 0.3, distance)
         assert isinstance(miner, TripletMarginMiner)
         assert (miner.type_of_triplets, miner.margin, miner.distance) == (name, 0.3, distance)
-    assert set(MINERS) == {"batch-all", "batch-hard", *TYPES}
+
+
+@pytest.mark.parametrize("name", MINERS)
+def test_every_registered_miner_mines_valid_triplets_by_the_distance_it_is_given(name):
+    emb, labels = _batch(10)
+    distance = ShadowDistance()
+    miner = create_miner(name, 0.3, distance)
+    assert MINERS[name].summary
+    if miner is None:  # no miner: the loss takes every valid triplet of the batch
+        loss = ShadowLoss(0.3, normalize=False)
+        torch.testing.assert_close(loss(emb, labels), loss(emb, labels, lmu.get_all_triplets_indices(labels)))
+        return
+    assert miner.distance is distance
+    a, p, n = miner(emb, labels)
+    assert len(a) > 0
+    assert (a != p).all() and (labels[a] == labels[p]).all() and (labels[a] != labels[n]).all()
+    assert _triplets((a, p, n)) != _triplets(create_miner(name, 0.3, EuclideanDistance())(emb, labels))
 
 
 def test_create_miner_unknown_name_raises():

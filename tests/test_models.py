@@ -53,20 +53,17 @@ def test_embed_batches_match_one_pass():
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
-def test_exports_to_onnx_with_a_dynamic_batch(tmp_path, name):
+def test_the_exporter_writes_each_backbone_to_onnx_with_a_dynamic_batch(tmp_path, name):
+    """export.onnx's own fp32 writer (what ``edge-siamese export`` runs), on every registered backbone."""
+    from export.job import ExportJob
+    from export.onnx import EXPORTS, INPUT_NAME
+
     torch.manual_seed(0)
     model = create_model(name, 1, (8, 8), 8).eval()
-    path = tmp_path / "m.onnx"
-    torch.onnx.export(
-        model,
-        (torch.randn(2, 1, 8, 8),),
-        str(path),
-        input_names=["images"],
-        output_names=["embeddings"],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-        external_data=False,
-    )
+    job = ExportJob(model, torch.randn(2, 1, 8, 8), np.zeros((0, 1, 8, 8), np.float32), {"edge_siamese.test": "1"}, tmp_path)
+    EXPORTS["fp32"](job, job.fp32_path("onnx"))
     x = torch.randn(5, 1, 8, 8)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (onnx_out,) = session.run(None, {"images": x.numpy()})
+    session = ort.InferenceSession(str(job.fp32_path("onnx")), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {INPUT_NAME: x.numpy()})
     np.testing.assert_allclose(onnx_out, model(x).detach().numpy(), atol=1e-5)
+    assert session.get_modelmeta().custom_metadata_map == {"edge_siamese.test": "1"}

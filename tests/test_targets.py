@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from device_bench.bench import validate_result
+from device_bench.document import validate_result
 from device_bench.manifest import MANIFEST, sha256_file
 from test_device_bench import altered_copy, bench_bundle  # noqa: F401  (the shared bundle fixture)
 
@@ -34,7 +34,7 @@ def test_cpu_target_writes_a_valid_document(bench_bundle, tmp_path):  # noqa: F8
     assert result["settings"] == {
         "runtime": None, "threads": None, "batch": [1], "warmup": 5, "runs": 3, "min_seconds": None, "gallery": [100]
     }
-    assert [r["status"] for r in result["rows"]] == ["ok"] * 4
+    assert [r["status"] for r in result["rows"]] == ["verified"] * 4
     for row in result["rows"]:
         assert [lat["runs"] for lat in row["latency"]] == [3]
         assert [(g["size"], g["bytes"]) for g in row["gallery"]] == [(100, 100 * 8 * (1 if row["precision"] == "int8" else 4))]
@@ -76,10 +76,48 @@ def test_cuda_target_without_a_gpu_says_so(bench_bundle, shadow_run):  # noqa: F
     assert_one_line_error(proc, "the cuda target needs a CUDA GPU", "--target cpu")
 
 
+def wall_clock_times_s(fn, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def test_cuda_target_builds_device_benchs_document(bench_bundle, shadow_run):  # noqa: F811
+    """The document the cuda target returns, built here on the CPU: its PyTorch rows with a wall-clock
+    timer in place of CUDA events, and its ONNX Runtime CUDA rows (not measured without the provider)."""
+    import torch
+
+    from device_bench.manifest import read_bundle
+    from edge_siamese.app.targets import BenchSettings, cuda
+
+    bundle = read_bundle(bench_bundle)
+    settings = BenchSettings(batches=[1, 4], warmup=1, runs=3)
+    rows = [cuda.torch_row(bundle, shadow_run, p, torch.device("cpu"), settings, wall_clock_times_s) for p in ("fp32", "bf16")]
+    rows += cuda.ort_cuda_rows(bundle, settings)
+    result = validate_result(cuda.document(bundle, rows, settings, "cpu, for the test"))
+    fp32, bf16 = result["rows"][:2]
+    assert (fp32["status"], fp32["format"], fp32["file"]) == ("verified", "pytorch", "model.safetensors")
+    assert fp32["golden"]["min_cosine"] > 1 - 1e-6 and fp32["golden"]["required_min_cosine"] == 1 - 1e-6
+    assert bf16["status"] == "verified" and 0.99 < bf16["golden"]["min_cosine"] < fp32["golden"]["min_cosine"]
+    assert [lat["batch"] for lat in fp32["latency"]] == [1, 4] and all(lat["runs"] == 3 and not lat["cuda_graph"] for lat in fp32["latency"])
+    assert fp32["accuracy"]["num_samples"] == bundle.manifest["eval"]["num_samples"]
+    # the same model on the same held-out images as export's reference
+    assert fp32["accuracy"]["precision_at_1"] == pytest.approx(bundle.file("onnx", "fp32")["fidelity"]["reference_precision_at_1"], abs=0.005)
+    onnx_rows = result["rows"][2:]
+    assert [(r["file"], r["status"]) for r in onnx_rows] == [("model_fp32.onnx", "not_measured"), ("model_int8.onnx", "not_measured")]
+    assert all("onnxruntime-gpu" in r["error"] for r in onnx_rows)
+    assert result["target"] == {"name": "cuda", "emulated": False, "device": "cpu, for the test"}
+
+
 def test_cpu_target_exits_1_when_a_row_failed_like_device_bench(bench_bundle, tmp_path):  # noqa: F811
     copy = altered_copy(bench_bundle, tmp_path / "bundle", "model_int8.onnx", b"not an onnx model" * 64)
     proc = run_cli("bench", copy, "--format", "onnx", "--runs", "2", "--gallery", "10", "--json", tmp_path / "bench.json", check=False, timeout=120)
-    assert [r["status"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]] == ["ok", "failed"]
+    assert [r["status"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]] == ["verified", "failed"]
     assert proc.returncode == 1
 
 
@@ -163,7 +201,7 @@ def test_ssh_target_copies_runs_and_fetches_the_document(sshd, bench_bundle, tmp
     assert result["target"] == {"name": "ssh", "emulated": False}
     assert result["bundle"]["path"] == bench_bundle.name  # the copy in the remote temporary folder
     assert result["bundle"]["manifest_sha256"] == sha256_file(bench_bundle / MANIFEST)
-    assert [(r["file"], r["status"]) for r in result["rows"]] == [("model_fp32.onnx", "ok"), ("model_int8.onnx", "ok")]
+    assert [(r["file"], r["status"]) for r in result["rows"]] == [("model_fp32.onnx", "verified"), ("model_int8.onnx", "verified")]
     assert f"wrote {out}" in proc.stdout and proc.stdout.count("✅") == 2
     assert "Accepted publickey" in sshd["log"].read_text()
     leftovers = {p for p in Path("/tmp").glob("tmp.*") if (p / "device_bench").exists()}

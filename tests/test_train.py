@@ -17,7 +17,8 @@ from edge_siamese.config import TrainConfig
 from edge_siamese.errors import UserError
 from edge_siamese.losses import LOSSES
 from edge_siamese.miners import MINERS
-from edge_siamese.train import resolve_device, train
+from edge_siamese.evaluate import resolve_device
+from edge_siamese.train import train
 
 
 def test_run_folder_holds_everything_needed_to_rebuild(shadow_run):
@@ -26,7 +27,7 @@ def test_run_folder_holds_everything_needed_to_rebuild(shadow_run):
     config = json.loads((shadow_run / "config.json").read_text())
     assert config["train"]["loss"] == "shadow" and config["train"]["embedding_dim"] == 8
     pre = config["preprocessing"]
-    assert pre["input_size"] == [8, 8] and pre["channels"] == 1 and pre["scale"] == pytest.approx(1 / 16)
+    assert pre["resize"] == [8, 8] and pre["channels"] == 1 and pre["scale"] == pytest.approx(1 / 16)
     metrics = json.loads((shadow_run / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 21))
     assert metrics["final"]["val_precision_at_1"] > 0.9

@@ -1,4 +1,4 @@
-"""The web client (clients/web) in Debian's headless Chromium, served by ``edge-siamese demo``:
+"""The web page (edge_siamese/app/web) in Debian's headless Chromium, served by ``edge-siamese demo``:
 the golden self-check with onnxruntime-web and LiteRT.js agrees with device_bench, the verdicts on
 two picked images equal the Python Embedder's, and bad input gets a clear message in the page."""
 
@@ -17,7 +17,7 @@ from device_bench.embedder import Embedder
 from device_bench.manifest import read_bundle
 from device_bench.metrics import embedding_agreement, pairwise_distances
 from device_bench.runtimes import open_runtime
-from edge_siamese.demo import CLIENTS
+from edge_siamese.app.demo import PAGE
 
 from conftest import BAD_MANIFESTS, copy_bundle, demo_server
 
@@ -27,8 +27,8 @@ playwright = pytest.importorskip("playwright.sync_api", reason="playwright is no
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: apt-get install chromium"),
     pytest.mark.skipif(
-        not (CLIENTS / "web" / "node_modules" / "onnxruntime-web").is_dir(),
-        reason="clients/web/node_modules is absent: run npm ci --prefix clients/web",
+        not (PAGE / "node_modules" / "onnxruntime-web").is_dir(),
+        reason="the page's node_modules is absent: run npm ci --prefix edge_siamese/app/web",
     ),
 ]
 

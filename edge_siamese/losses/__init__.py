@@ -1,4 +1,4 @@
-"""Losses, one per file, and ``LOSSES``, the registry the CLI, the config and the report name them by.
+"""Losses, one per file, and ``LOSSES``, the registry by whose names the CLI and config.json call them.
 
 Every loss takes ``loss(embeddings, labels, indices_tuple=None)`` (pytorch-metric-learning's
 call, a miner's tuple positionally) and names its explicit form (``from_triplets`` or
@@ -37,7 +37,7 @@ class LossSpec:
     @property
     def margin(self) -> float | None:
         parameter = inspect.signature(self.cls).parameters.get("margin")
-        return None if parameter is None else parameter.default
+        return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
     def build(self, embedding_dim: int, margin: float | None = None) -> nn.Module:
         args = dict(self.kwargs)

@@ -14,8 +14,9 @@ class ShadowLoss(MarginTripletLoss):
         delta_p = | ||a|| - s_p |,   delta_n = | ||a|| - s_n |
         L = mean(max(delta_p - delta_n + margin, 0))
 
-    ``||a||`` is a real square-root norm clamped by an eps. ``normalize=True`` L2-normalises the
-    embeddings first, where ``||a|| = 1`` and ``delta = 1 - cos``: it trains the cosine distance.
+    ``||a||`` is a real square-root norm clamped by an eps. ``normalize=True`` is the form on
+    L2-normalised embeddings, where ``||a|| = 1`` and ``delta = 1 - cos``: it trains
+    ``CosineDistance``, which equals the shadow distance of the normalised embeddings.
     ``normalize=False`` is the paper's raw form with the anchor-relative ``ShadowDistance``.
 
     Shapes: ``(embeddings (B, D), labels (B,))``, or ``from_triplets(anchor, positive, negative)``

@@ -60,7 +60,8 @@ def target_name(target: str) -> tuple[str, str]:
     if not sep:
         name, address = target, ""
     if name not in TARGETS or (name == "ssh") != bool(sep):
-        raise UserError(f"unknown target {target!r}: choose one of cpu, cuda, arm64-emulated or ssh://user@host[:port]")
+        names = ", ".join("ssh://user@host[:port]" if n == "ssh" else n for n in TARGETS)
+        raise UserError(f"unknown target {target!r}: choose one of {names}")
     return name, address
 
 

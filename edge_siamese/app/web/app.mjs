@@ -44,7 +44,7 @@ async function makeRunners(files, opened) {
   try {
     ort = await import("onnxruntime-web");
   } catch (err) {
-    throw new BundleError(`onnxruntime-web did not load (${oneLine(err)}): run npm ci --prefix clients/web and serve the page with edge-siamese demo`);
+    throw new BundleError(`onnxruntime-web did not load (${oneLine(err)}): run npm ci --prefix edge_siamese/app/web and serve the page with edge-siamese demo`);
   }
   ort.env.wasm.wasmPaths = "/node_modules/onnxruntime-web/dist/";
   ort.env.wasm.numThreads = 1; // threads need a cross-origin-isolated page; one is plenty for these models
@@ -131,7 +131,7 @@ async function imageInput(file, pre) {
   const canvas = new OffscreenCanvas(width, height);
   const context = canvas.getContext("2d", { willReadFrequently: true });
   context.imageSmoothingEnabled = true;
-  context.imageSmoothingQuality = "low"; // bilinear, the manifest's resize_method
+  context.imageSmoothingQuality = "low"; // bilinear; training images were already the model's size
   context.drawImage(bitmap, 0, 0, width, height);
   return preprocessRgba(context.getImageData(0, 0, width, height).data, pre);
 }

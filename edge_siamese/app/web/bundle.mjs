@@ -1,7 +1,7 @@
 // An edge-siamese bundle as an app reads it (docs/app-integration.md): the manifest, the sha256 of
 // every file, golden.npz, the preprocessing, int8 input/output, the distance and the verdict, and
 // the golden self-check. Web-platform APIs only (crypto.subtle, DecompressionStream, typed arrays),
-// so that the Node verifier (clients/node) and the web page (clients/web) share this one copy.
+// so that the Node verifier (clients/node) and the web page (this folder) share this one copy.
 // Callers bring the bytes and a `run(data, shape)` function for their runtime.
 
 export const SCHEMA_VERSION = 1;
