@@ -67,7 +67,7 @@ SCHEMA = {
         "distance_weights": (list, type(None)),
     },
     "thresholds": {"far_1e-2": NUMBER, "far_1e-3": NUMBER, "accept": (str,), "measured_on": (str,)},
-    "training": {"loss": (str,), "embedding_dim": (int,), "dataset": (str,), "backbone": (str,), "metrics": (dict,)},
+    "training": {"loss": (str,), "dataset": (str,), "backbone": (str,), "metrics": (dict,)},
     "eval": DATA_FILE,
     "golden": DATA_FILE,
     "files": (list,),

@@ -242,7 +242,6 @@ def _manifest(run, metrics: dict) -> dict:
         },
         "training": {
             "loss": run.config.loss,
-            "embedding_dim": run.config.embedding_dim,
             "dataset": run.config.dataset,
             "backbone": run.config.backbone,
             "metrics": metrics,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import socket
 import urllib.request
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest

@@ -70,7 +70,7 @@ def valid_manifest() -> dict:
         },
         "embedding": {"output_name": "embeddings", "dim": 8, "l2_normalized": True, "distance": "cosine", "distance_weights": None},
         "thresholds": {"far_1e-2": 0.46, "far_1e-3": 0.29, "accept": "distance < threshold", "measured_on": "validation split, 179 images"},
-        "training": {"loss": "shadow", "embedding_dim": 8, "dataset": "digits", "backbone": "convnet", "metrics": {}},
+        "training": {"loss": "shadow", "dataset": "digits", "backbone": "convnet", "metrics": {}},
         "eval": {"path": "eval.npz", "sha256": "0" * 64, "num_samples": 359},
         "golden": {"path": "golden.npz", "sha256": "0" * 64, "num_samples": 8},
         "files": [file_entry("onnx", "fp32"), file_entry("onnx", "int8")],
@@ -162,9 +162,10 @@ def test_field_names_lists_nested_and_per_file_fields():
 
 
 def test_a_manifest_written_by_toolkit_0_1_0_still_validates():
-    """0.1.0 also wrote preprocessing.resize_method and preprocessing.color, which nothing read."""
+    """0.1.0 also wrote preprocessing.resize_method, preprocessing.color and training.embedding_dim, which nothing read."""
     old = valid_manifest()
     old["preprocessing"] |= {"resize_method": "bilinear", "color": "grey"}
+    old["training"]["embedding_dim"] = 8
     assert validate_manifest(old) is old
     assert Bundle(Path("."), old).preprocessing == Bundle(Path("."), valid_manifest()).preprocessing
 
