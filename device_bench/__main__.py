@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
+import time
 from pathlib import Path
 
+from . import children
 from .document import result_document, table
+from .errors import describe_os_error
+from .files import json_text, new_file_problem, write_json
 from .formats import FILE_PRECISIONS, FORMATS
 from .manifest import BundleError, read_bundle
 from .runtimes import RUNTIMES
@@ -21,8 +24,7 @@ from .runtimes import RUNTIMES
 
 def run_child(bundle: Path, file: str, settings: dict) -> dict:
     """Measure one file in a fresh process (``device_bench.bench``); its last stdout line is the row."""
-    cmd = [sys.executable, "-m", "device_bench.bench", str(bundle), file, json.dumps(settings)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = children.run([sys.executable, "-m", "device_bench.bench", str(bundle), file, json.dumps(settings)])
     if proc.returncode != 0 or not proc.stdout.strip():
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"status": "failed", "error": f"exit {proc.returncode}: {tail}"}
@@ -34,8 +36,8 @@ def _ints(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated positive integers, e.g. 1,8")
     return values
 
 
@@ -56,20 +58,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=None, help="time each batch size for this long instead of --runs")
     p.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,8")
     p.add_argument("--gallery", type=_ints, default=[1000, 10000, 100000], help="gallery sizes for 1:N search")
-    p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.add_argument("--json", default=None, help="write the full result here ('-': to standard output, instead of the table)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json")
-    p.add_argument("--quiet", action="store_true", help="no table")
+    p.add_argument("--quiet", action="store_true", help="no progress and no table (a failed row is still said in one line)")
     args = p.parse_args(argv)
-    if args.json is not None and args.json.exists() and not args.force:
-        p.error(f"{args.json} already exists: pass --force to overwrite it")
-    if args.json is not None and not args.json.parent.is_dir():
-        p.error(f"{args.json.parent} is not a folder: create it, or write {args.json.name} elsewhere")
+    if args.json not in (None, "-"):
+        args.json = Path(args.json)
+        problem = new_file_problem(args.json, args.force)
+        if problem:
+            p.error(problem)
     if args.runs is not None and args.runs < 1:
         p.error(f"--runs {args.runs}: use at least 1")
     if args.runs is not None and args.min_seconds is not None:
         p.error("use --runs or --min-seconds, not both")
-    if args.min_seconds is not None and not args.min_seconds > 0:
-        p.error(f"--min-seconds {args.min_seconds}: use a positive number of seconds")
+    if args.min_seconds is not None and not 0 < args.min_seconds < 86400:
+        p.error(f"--min-seconds {args.min_seconds}: use a positive number of seconds, under a day")
     if args.min_seconds is None and args.runs is None:
         args.runs = 50
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
@@ -114,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    rows = []
-    for entry in files:
+    rows, started = [], time.perf_counter()
+    for i, entry in enumerate(files):
+        if not args.quiet:
+            elapsed = time.perf_counter() - started
+            eta = f", about {elapsed / i * (len(files) - i):.0f} s left" if i else ""
+            print(f"[{i + 1}/{len(files)}] {entry['path']} ({elapsed:.0f} s{eta})", file=sys.stderr, flush=True)
         row = run_child(args.bundle, entry["path"], settings)
         row.setdefault("file", entry["path"])
         row.setdefault("format", entry["format"])
@@ -124,13 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     target = {"name": os.environ.get("DEVICE_BENCH_TARGET", "local"), "emulated": bool(os.environ.get("DEVICE_BENCH_EMULATED"))}
     result = result_document(target, bundle, settings, rows)
-    if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.json)
-    if not args.quiet:
+    try:
+        if args.json == "-":
+            sys.stdout.write(json_text(result))
+        elif args.json:
+            write_json(args.json, result)
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    if not args.quiet and args.json != "-":
         print(table(result))
-    return 0 if all(r["status"] == "verified" for r in rows) else 1
+    failed = [r for r in rows if r["status"] != "verified"]
+    if failed:  # said even with --quiet: the exit status alone would not say which file
+        print(f"error: {len(failed)} of {len(rows)} rows not verified; first: {failed[0]['file']}: {failed[0]['status']}: {failed[0]['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ and ``Gallery`` (enrolled embeddings, 1:N search). numpy and one runtime; never 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_path
 from .formats import FORMATS
 from .manifest import Bundle, BundleError, read_bundle
 from .metrics import pairwise_distances, rowwise_distances
@@ -149,22 +149,16 @@ class Gallery:
 
     def save(self, path: str | Path) -> None:
         """Write the gallery to exactly ``path`` (an .npz file), whole or not at all."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    embeddings=self.embeddings,
-                    labels=self.labels,
-                    scale=np.float64(self.scale),
-                    distance=np.str_(self.distance),
-                    precision=np.str_(self.precision),
-                    weights=np.asarray([] if self.weights is None else self.weights, np.float64),
-                )
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                embeddings=self.embeddings,
+                labels=self.labels,
+                scale=np.float64(self.scale),
+                distance=np.str_(self.distance),
+                precision=np.str_(self.precision),
+                weights=np.asarray([] if self.weights is None else self.weights, np.float64),
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> "Gallery":

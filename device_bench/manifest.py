@@ -8,12 +8,14 @@ reference embeddings). Reading one validates the manifest and checks every file'
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BundleError
+from .files import TEMPORARY
 from .formats import FORMATS
 from .preprocessing import Preprocessing
 
@@ -152,7 +154,7 @@ class Bundle:
         raise BundleError(f"the bundle has no {fmt} {precision} model (it has: {have}): export it with that precision")
 
     def _arrays(self, key: str) -> dict[str, np.ndarray]:
-        with np.load(self.path / self.manifest[key]["path"], allow_pickle=False) as f:
+        with np.load(bundle_file(self.path, self.manifest[key]["path"], key), allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
 
     def eval_set(self) -> dict[str, np.ndarray]:
@@ -164,6 +166,30 @@ class Bundle:
         return self._arrays("golden")
 
 
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a float")
+    return value
+
+
+def bundle_file(root: Path, relative: str, field: str) -> Path:
+    """The file a manifest path names. It must be relative and normalised (no ``..``, ``.`` or empty
+    part, no backslash, drive or NUL) and, symlinks resolved, inside the bundle folder: a bundle
+    never makes a device read a file elsewhere."""
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or any(c in relative for c in "\\\0") or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+        raise BundleError(f"manifest field {field} is {relative!r}, not a relative path inside the bundle: export the bundle again")
+    path = Path(root) / relative
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise BundleError(f"manifest field {field} ({relative}) leads outside the bundle folder, to {path.resolve()}: export the bundle again")
+    return path
+
+
 def read_bundle(path: Path, verify_sha256: bool = True) -> Bundle:
     """Read and validate ``path/manifest.json`` and check the sha256 of every file it lists.
 
@@ -172,15 +198,18 @@ def read_bundle(path: Path, verify_sha256: bool = True) -> Bundle:
     """
     path = Path(path)
     manifest_path = path / MANIFEST
+    if TEMPORARY.match(path.name):
+        raise BundleError(f"{path} is the staging folder of an unfinished export, not a bundle: export again (that removes it)")
     if not manifest_path.is_file():
         raise BundleError(f"{path} is not a bundle (no {MANIFEST}): pass the folder 'edge-siamese export' wrote")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(), parse_constant=_not_a_number, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON ({exc}): export the bundle again") from None
     validate_manifest(manifest)
-    for entry in [*manifest["files"], manifest["eval"], manifest["golden"]]:
-        file_path = path / entry["path"]
+    listed = [(f"files[{i}].path", e) for i, e in enumerate(manifest["files"])] + [("eval.path", manifest["eval"]), ("golden.path", manifest["golden"])]
+    for field, entry in listed:
+        file_path = bundle_file(path, entry["path"], field)
         if not file_path.is_file():
             raise BundleError(f"{entry['path']} is missing from {path}: copy the whole bundle folder")
         if verify_sha256 and sha256_file(file_path) != entry["sha256"]:

@@ -65,6 +65,16 @@ DISTANCES: dict[str, Distance] = {
 }
 
 
+def check_finite(values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` if every one is finite; else a ValueError naming the first row with NaN or inf.
+    Every gate checks this first: NaN compares false with everything, so it would pass them."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ValueError(f"{what} hold NaN or inf (first at row {row})")
+    return values
+
+
 def _distance(name: str) -> Distance:
     if name not in DISTANCES:
         raise ValueError(f"unknown distance {name!r}: choose one of {', '.join(DISTANCES)}")
@@ -229,7 +239,7 @@ def retrieval_metrics(
     pairs, or ``max_pairs`` random ones), ``silhouette`` (on at most ``silhouette_samples``) and
     ``intra_inter_distance_ratio`` (mean same-class over mean other-class pair distance).
     """
-    emb = np.asarray(embeddings, dtype=np.float64)
+    emb = check_finite(np.asarray(embeddings, dtype=np.float64), "embeddings")
     labels = np.asarray(labels)
     if emb.ndim != 2 or labels.shape != (len(emb),):
         raise ValueError(f"expected embeddings (N, D) and labels (N,), got {emb.shape} and {labels.shape}")
@@ -272,8 +282,8 @@ def embedding_agreement(
     Per-row cosine (mean, min) and largest absolute difference; the fraction of rows whose
     nearest other row is the same in both; with ``labels``, ``precision_at_1`` of both.
     """
-    emb = np.asarray(embeddings, dtype=np.float64)
-    ref = np.asarray(reference, dtype=np.float64)
+    emb = check_finite(np.asarray(embeddings, dtype=np.float64), "embeddings")
+    ref = check_finite(np.asarray(reference, dtype=np.float64), "reference embeddings")
     cos = (emb * ref).sum(1) / np.maximum(np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1), _EPS)
     out = {
         "num_samples": len(emb),

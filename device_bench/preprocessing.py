@@ -75,4 +75,10 @@ class Preprocessing:
     def from_dict(cls, d: dict) -> "Preprocessing":
         """From ``to_dict``'s keys; a config.json written by toolkit 0.1.0 said ``input_size`` for ``resize``."""
         resize = d["resize"] if "resize" in d else d["input_size"]
-        return cls((int(resize[0]), int(resize[1])), int(d["channels"]), float(d["scale"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+        pre = cls((int(resize[0]), int(resize[1])), int(d["channels"]), float(d["scale"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+        numbers = np.asarray([pre.scale, *pre.mean, *pre.std])
+        if not (np.isfinite(numbers).all() and pre.scale > 0 and min(pre.std) > 0 and min(pre.resize) > 0):
+            raise BundleError(f"preprocessing {d} needs a positive size, scale and std and finite means: export or train again")
+        if pre.channels not in (1, 3) or len(pre.mean) != pre.channels or len(pre.std) != pre.channels:
+            raise BundleError(f"preprocessing {d} needs 1 or 3 channels with one mean and std each: export or train again")
+        return pre

@@ -6,20 +6,21 @@ Nothing here unpickles: weights are safetensors and the resume checkpoint is rea
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from device_bench.files import atomic_path
 from device_bench.preprocessing import Preprocessing
 
 from .config import TrainConfig
 from .errors import UserError
-from .files import atomic_path
 from .losses import create_loss
 from .models import EmbeddingNet, create_model
 
@@ -52,8 +53,9 @@ def save_weights(path: Path, model: nn.Module, loss: nn.Module) -> None:
     """Model and loss parameters (Koch's head lives in the loss) in one safetensors file."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"loss.{k}": v.detach().cpu().contiguous() for k, v in loss.state_dict().items()}
+    data = save(tensors, metadata={"format": "edge-siamese"})  # bytes, written by Python (see save_checkpoint)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "edge-siamese"})
+        tmp.write_bytes(data)
 
 
 def load_weights(path: Path, model: nn.Module, loss: nn.Module) -> None:
@@ -72,9 +74,15 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, Preprocessing]:
         raise UserError(f"{run_dir} is not a training run (no {CONFIG}): pass the --out folder of 'edge-siamese train'")
     try:
         data = json.loads(path.read_text())
-        return TrainConfig.from_dict(data["train"]), Preprocessing.from_dict(data["preprocessing"])
+        config, preprocessing = TrainConfig.from_dict(data["train"]), Preprocessing.from_dict(data["preprocessing"])
+    except UserError:
+        raise
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is corrupt ({exc}): train the run again") from None
+    try:
+        return config.validate(), preprocessing
+    except UserError as exc:
+        raise UserError(f"{path} holds a setting this toolkit refuses ({exc}): train the run again") from None
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> Run:
@@ -90,8 +98,12 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> Run:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    # Serialised in memory, written by Python: a full disk is then an OSError naming the file,
+    # where torch's own writer raises a RuntimeError about stream positions.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from .errors import UserError
 from .losses import LOSSES
 from .miners import MINERS
 from .models import BACKBONES, HEADS, MAX_DIM, MIN_DIM
+
+
+# The JSON types each annotation of TrainConfig accepts (an int is a float in JSON).
+JSON_TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "float": (int, float), "float | None": (int, float, type(None))}
 
 
 @dataclass
@@ -54,10 +59,21 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} {value} is too small: use at least {low}")
         if self.samples_per_class > self.batch_size // 2:
             raise UserError(f"--samples-per-class {self.samples_per_class} leaves fewer than 2 classes in a batch of {self.batch_size}")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr} must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr {self.lr} must be a positive number, e.g. 1e-3")
         if self.margin is not None and LOSSES[self.loss].margin is None:
             raise UserError(f"the {self.loss} loss has no margin: drop --margin")
+        if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
+            raise UserError(f"--margin {self.margin} must be a number >= 0 (the loss's default is {LOSSES[self.loss].margin})")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"weight_decay {self.weight_decay} must be a number >= 0")
+        for name in ("seed", "split_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range: use 0 to {2**32 - 1}")
+        if self.test_fraction is not None and not 0 < self.test_fraction < 1:
+            raise UserError(f"test_fraction {self.test_fraction} must lie between 0 and 1")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction {self.val_fraction} must lie between 0 and 1")
         check_device(self.device)
         return self
 
@@ -66,11 +82,23 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """A config from its JSON form, each value of its field's type; else a ValueError naming the key."""
+        if not isinstance(d, dict):
+            raise ValueError("the train settings are not an object")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
-        return cls(**d)
+        missing = sorted(f.name for f in fields(cls) if f.name not in d)
+        if missing:
+            raise ValueError(f"missing config keys {missing}")
+        values = {}
+        for f in fields(cls):
+            value = d[f.name]
+            if not isinstance(value, JSON_TYPES[f.type]) or isinstance(value, bool):
+                raise ValueError(f"{f.name} is {value!r}, not {f.type}")
+            values[f.name] = float(value) if f.type.startswith("float") and value is not None else value
+        return cls(**values)
 
 
 def check_device(name: str) -> str:

@@ -8,6 +8,7 @@ in training. Nothing here downloads anything.
 from __future__ import annotations
 
 import gzip
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,21 @@ class ImageSet:
     @property
     def channels(self) -> int:
         return int(self.images.shape[3])
+
+
+MAX_PIXEL = 1e4  # scaled pixel values are meant to lie in [0, 1]; far beyond that they are not pixels
+
+
+def check_pixels(images: np.ndarray, scale: float, source: str) -> None:
+    """Every pixel finite and of a size pixels have after scaling; else a UserError naming the first bad image."""
+    if np.issubdtype(images.dtype, np.integer):
+        return  # integers are finite, and a uint8 or uint16 image is in range
+    flat = images.reshape(len(images), -1).astype(np.float64) * scale
+    bad = ~(np.isfinite(flat) & (np.abs(flat) <= MAX_PIXEL))
+    if bad.any():
+        index = int(np.argwhere(bad.any(axis=1))[0][0])
+        value = images.reshape(len(images), -1)[index][bad[index]][0]
+        raise UserError(f"{source}: image {index} has the pixel value {value}: pixels must be finite, in [0, 1] for floats or [0, 255] for uint8")
 
 
 def _check_classes(labels: np.ndarray, class_names: list[str], source: str) -> None:
@@ -91,13 +107,16 @@ def load_npz(path: Path) -> ImageSet:
     """An ``.npz`` with ``images`` (N, H, W[, C]) and ``labels`` (N,) arrays; uint8 is scaled by 1/255."""
     try:
         with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("it holds one array, not named arrays")
             if "images" not in f or "labels" not in f:
                 raise UserError(f"{path} needs arrays named 'images' and 'labels', found: {', '.join(f.files) or 'none'}")
             images, raw_labels = f["images"], f["labels"]
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, UserError):
-            raise
-        raise UserError(f"cannot read {path} as .npz ({exc}): save it with numpy.savez(images=..., labels=...)") from None
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # EOFError: an empty file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read {path} as .npz ({reason}): save it with numpy.savez(images=..., labels=...)") from None
     images = _to_nhwc(images, str(path))
     if raw_labels.shape != (len(images),):
         raise UserError(f"{path}: labels must be (N,) with N = {len(images)}, got shape {raw_labels.shape}")
@@ -107,6 +126,7 @@ def load_npz(path: Path) -> ImageSet:
     class_names = [str(n) for n in names]
     _check_classes(labels, class_names, str(path))
     scale = 1 / 255 if images.dtype == np.uint8 else 1.0
+    check_pixels(images, scale, str(path))
     return ImageSet(images, labels.astype(np.int64), class_names, scale)
 
 
@@ -124,8 +144,10 @@ def load_image_folder(root: Path) -> ImageSet:
                 with Image.open(path) as im:
                     im = im.convert("L" if im.mode in ("L", "LA", "1", "I", "I;16", "F") else "RGB")
                     array = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError):
-                raise UserError(f"{path} is not an image this tool can read: remove it or convert it to PNG") from None
+            except Image.DecompressionBombError:
+                raise UserError(f"{path} has more pixels than are safe to decode (a decompression bomb?): shrink it or remove it") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # SyntaxError: Pillow's word for a broken PNG
+                raise UserError(f"{path} is not an image this tool can read (empty, truncated or not an image): remove it or convert it to PNG") from None
             array = array[..., None] if array.ndim == 2 else array
             if first is None:
                 first = (path, array.shape)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from device_bench.metrics import retrieval_metrics
+from device_bench.metrics import check_finite, retrieval_metrics
 
 from .checkpoints import load_run
 from .config import check_device
@@ -32,6 +32,10 @@ def resolve_device(name: str) -> torch.device:
 
 def embedding_metrics(embeddings: np.ndarray, labels: np.ndarray, distance: BaseDistance, **kwargs) -> dict:
     """Every retrieval metric of ``embeddings`` under ``distance``, as a device computes it."""
+    try:
+        check_finite(embeddings, "the model's embeddings")
+    except ValueError as exc:
+        raise UserError(f"{exc}: the model's weights are not finite; train it again with a lower --lr") from None
     return retrieval_metrics(embeddings, labels, distance.name, distance.weights_array(), **kwargs)
 
 

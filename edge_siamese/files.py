@@ -1,54 +1,41 @@
-"""Result files written whole or not at all: a temporary name in the same folder, then a rename."""
+"""Where results go: checked before the work (a file or folder that can be written there, and
+replaced only with --force). The writing itself is ``device_bench.files``: whole or not at all."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from device_bench.files import folder_problem, new_file_problem, remove_dead_temporaries
 
 from .errors import UserError
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def check_new_file(path: Path | None, force: bool) -> None:
     """Before the work: stop unless ``path`` (when given) can be written, new or with ``force``."""
-    if path is None:
-        return
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists: pass --force to overwrite it")
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent} is not a folder: create it, or write {path.name} elsewhere")
+    problem = new_file_problem(path, force) if path is not None else ""
+    if problem:
+        raise UserError(problem)
 
 
 def check_replaceable(path: Path, marker: str, force: bool, hint: str = "") -> None:
-    """Before the work: an existing result folder ``path`` may be replaced only with ``force``, and
-    only when it is a result of this kind (``marker`` in it) or empty: a mistyped --out never
-    deletes other data. ``hint`` follows the --force advice (e.g. ", or --resume to continue it")."""
+    """Before the work: a result folder can be written at ``path``; an existing one may be replaced
+    only with ``force``, and only when it is a result of this kind (``marker`` in it) or empty,
+    never the current folder or one above it: a mistyped --out never deletes other data. ``hint``
+    follows the --force advice (e.g. ", or --resume to continue it")."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder: choose another --out")
+    if problem := folder_problem(path.parent):
+        raise UserError(problem)
+    remove_dead_temporaries(path)
     if not path.exists():
         return
     if not force:
         raise UserError(f"{path} already exists: pass --force to overwrite it{hint}")
-    if not (path.is_dir() and ((path / marker).exists() or not any(path.iterdir()))):
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise UserError(f"--out {path} is the current folder or holds it: --force would delete it; choose another --out")
+    if not ((path / marker).exists() or not any(path.iterdir())):
         raise UserError(f"{path} holds something else (no {marker} in it): --force replaces only an earlier result; choose another --out")
 
 

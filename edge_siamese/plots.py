@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .files import atomic_path  # noqa: E402
+from device_bench.files import atomic_path  # noqa: E402
 
 
 def plot_training_curves(history: list[dict], path: Path, title: str) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from device_bench.bench import memory_mb, reset_peak_rss
+from device_bench.files import write_json
 
 from . import __version__
 from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
@@ -21,7 +24,7 @@ from .config import TrainConfig
 from .data import PKSampler
 from .errors import UserError
 from .evaluate import resolve_device, validation_metrics
-from .files import check_replaceable, write_json
+from .files import check_replaceable
 from .miners import create_miner
 from .plots import plot_training_curves
 from .progress import progress_bar
@@ -34,6 +37,27 @@ def peak_memory_mb(device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def _not_finite(*modules: torch.nn.Module) -> list[str]:
+    """The parameters and buffers (BatchNorm statistics too) that hold NaN or inf."""
+    return [name for m in modules for name, t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def _stopped(what: str, epoch: int, out: Path, config: TrainConfig) -> UserError:
+    kept = f"the last good checkpoint (epoch {epoch}) is kept in {out}" if epoch else "no epoch finished, so nothing is kept"
+    return UserError(f"training stopped: {what}; {kept}. Lower --lr (now {config.lr}) and train again")
+
+
+@contextmanager
+def _left_only_if_resumable(out: Path, fresh: bool) -> Iterator[None]:
+    """A new run that fails before its first checkpoint leaves nothing behind (there is nothing to resume)."""
+    try:
+        yield
+    except BaseException:
+        if fresh and not (out / CHECKPOINT).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = False, progress: bool = True) -> dict:
@@ -74,79 +98,83 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     history: list[dict] = []
     start_epoch, elapsed = 0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, elapsed, history = state["epoch"], state["train_time_s"], state["history"]
+        try:
+            model.load_state_dict(state["model"])
+            loss_fn.load_state_dict(state["loss"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, elapsed, history = int(state["epoch"]), float(state["train_time_s"]), list(state["history"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{out / CHECKPOINT} does not belong to the run in {out}/config.json ({first}): train again with --force") from None
     else:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         write_json(out / CONFIG, {"toolkit_version": __version__, "train": config.to_dict(), "preprocessing": data.preprocessing.to_dict()})
 
-    bar = progress_bar(total=(config.epochs - start_epoch) * num_batches, desc=f"{config.loss} d={config.embedding_dim}", enabled=progress, unit="batch")
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        model.train()
-        sampler.set_epoch(epoch)
-        losses = []
-        for step, batch in enumerate(sampler):
-            idx = torch.as_tensor(batch, device=device)
-            embeddings = model(x_train[idx])
-            labels = y_train[idx]
-            indices_tuple = miner(embeddings, labels) if miner is not None else None
-            loss = loss_fn(embeddings, labels, indices_tuple=indices_tuple)
-            if not torch.isfinite(loss):
+    with _left_only_if_resumable(out, fresh=state is None):
+        bar = progress_bar(total=(config.epochs - start_epoch) * num_batches, desc=f"{config.loss} d={config.embedding_dim}", enabled=progress, unit="batch")
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            model.train()
+            sampler.set_epoch(epoch)
+            losses = []
+            for step, batch in enumerate(sampler):
+                idx = torch.as_tensor(batch, device=device)
+                embeddings = model(x_train[idx])
+                labels = y_train[idx]
+                indices_tuple = miner(embeddings, labels) if miner is not None else None
+                loss = loss_fn(embeddings, labels, indices_tuple=indices_tuple)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise _stopped(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}", epoch, out, config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            scheduler.step()
+            if broken := _not_finite(model, loss_fn):  # a checkpoint is good only when every number in it is finite
                 bar.close()
-                kept = f"the last good checkpoint (epoch {epoch}) is kept in {out}" if epoch else "no epoch finished, so no checkpoint"
-                raise UserError(
-                    f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"{kept}. Lower --lr (now {config.lr}) and train again"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        scheduler.step()
-        val = validation_metrics(model, loss_fn, x_val, y_val, episodes=200)
-        elapsed += time.perf_counter() - started
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": float(np.mean(losses)),
-                "val_precision_at_1": val["precision_at_1"],
-                "val_mean_average_precision_at_r": val["mean_average_precision_at_r"],
-                "elapsed_s": elapsed,
-            }
-        )
-        save_checkpoint(
-            out / CHECKPOINT,
-            {
-                "model": model.state_dict(),
-                "loss": loss_fn.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-                "train_time_s": elapsed,
-                "history": history,
-            },
-        )
-    bar.close()
+                raise _stopped(f"{broken[0]} became NaN or inf at epoch {epoch + 1}", epoch, out, config)
+            val = validation_metrics(model, loss_fn, x_val, y_val, episodes=200)
+            elapsed += time.perf_counter() - started
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": float(np.mean(losses)),
+                    "val_precision_at_1": val["precision_at_1"],
+                    "val_mean_average_precision_at_r": val["mean_average_precision_at_r"],
+                    "elapsed_s": elapsed,
+                }
+            )
+            save_checkpoint(
+                out / CHECKPOINT,
+                {
+                    "model": model.state_dict(),
+                    "loss": loss_fn.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "train_time_s": elapsed,
+                    "history": history,
+                },
+            )
+        bar.close()
 
-    final = validation_metrics(model, loss_fn, x_val, y_val)
-    metrics = {
-        "final": {f"val_{k}": v for k, v in final.items()},
-        "history": history,
-        "epochs": config.epochs,
-        "train_time_s": elapsed,
-        "device": str(device),
-        **peak_memory_mb(device),
-    }
-    save_weights(out / WEIGHTS, model, loss_fn)
-    plot_training_curves(history, out / "training_curves.png", title=f"{config.loss}, d={config.embedding_dim}")
-    write_json(out / METRICS, metrics)
-    return metrics
+        final = validation_metrics(model, loss_fn, x_val, y_val)
+        metrics = {
+            "final": {f"val_{k}": v for k, v in final.items()},
+            "history": history,
+            "epochs": config.epochs,
+            "train_time_s": elapsed,
+            "device": str(device),
+            **peak_memory_mb(device),
+        }
+        save_weights(out / WEIGHTS, model, loss_fn)
+        plot_training_curves(history, out / "training_curves.png", title=f"{config.loss}, d={config.embedding_dim}")
+        write_json(out / METRICS, metrics)
+        return metrics
 

@@ -6,7 +6,6 @@ this writes); this module only assembles and commits.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import zipfile
@@ -14,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from device_bench.files import atomic_path, json_text, remove_dead_temporaries, temporary_name
 from device_bench.manifest import MANIFEST, read_bundle, sha256_file
 
 
 def staging_dir(out: Path) -> Path:
-    """A fresh temporary folder beside ``out``, where the bundle is built before ``commit``."""
+    """A fresh staging folder beside ``out`` (``.NAME.staging-PID``), where the bundle is built
+    before ``commit``; those of exports that died are removed first, and no reader takes one for a bundle."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_dead_temporaries(out)
+    tmp = temporary_name(out, "staging")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -40,14 +42,14 @@ def file_entry(folder: Path, name: str) -> dict:
 
 def commit(tmp: Path, out: Path, manifest: dict, make_zip: bool) -> Path:
     """Write the manifest, check the bundle as a device would (schema, sha256s), and move it to ``out``."""
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / MANIFEST).write_text(json_text(manifest))  # strict: a NaN figure stops here, unwritten
     listed = {e["path"] for e in manifest["files"]} | {manifest["eval"]["path"], manifest["golden"]["path"], MANIFEST}
     for stray in [p for p in tmp.iterdir() if p.name not in listed]:
         stray.unlink()
     read_bundle(tmp)
     out = Path(out)
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = temporary_name(out)
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old)
@@ -58,9 +60,7 @@ def commit(tmp: Path, out: Path, manifest: dict, make_zip: bool) -> Path:
     if not make_zip:
         archive.unlink(missing_ok=True)  # an older zip would no longer match the bundle
     else:
-        partial = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
+        with atomic_path(archive) as partial, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
             for path in sorted(out.iterdir()):
                 zf.write(path, f"{out.name}/{path.name}")
-        os.replace(partial, archive)
     return out

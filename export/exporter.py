@@ -9,6 +9,7 @@ that a failure in one row does not lose the others.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -18,10 +19,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from device_bench.formats import FILE_PRECISIONS, FORMATS, PRECISIONS, file_name
 from device_bench.manifest import MANIFEST, SCHEMA_VERSION
-from device_bench.metrics import embedding_agreement
+from device_bench.metrics import check_finite, embedding_agreement
 from device_bench.preprocessing import INPUT_LAYOUT
 from device_bench.runtimes import open_runtime
 from edge_siamese import __version__
@@ -151,10 +153,12 @@ def export_run(
 
     distance, weights = run.loss.distance.name, run.loss.distance.weights_array()
     reference = embed(run.model, test_x).numpy()
-    metrics_path = run.path / METRICS  # training's final validation metrics, thresholds included
-    final = json.loads(metrics_path.read_text())["final"] if metrics_path.exists() else {
-        f"val_{k}": v for k, v in validation_metrics(run.model, run.loss, data.inputs("val"), data.labels("val")).items()
-    }
+    try:
+        check_finite(reference, "the trained model's embeddings of the held-out images")
+    except ValueError as exc:
+        raise UserError(f"{exc}: the model's weights are not finite; train it again with a lower --lr") from None
+    final = _final_metrics(run, data)
+    check_free_space(out, run.model, len(formats) * len(precisions), data.images("test", held_out).nbytes)
 
     manifest = _manifest(run, final)
     metadata = {
@@ -191,7 +195,7 @@ def export_run(
                         "fidelity": row.fidelity,
                     }
                 except Exception as exc:  # one row's failure is reported in its row, not lost
-                    if isinstance(exc, UserError):
+                    if isinstance(exc, (UserError, OSError)):  # the user's to fix, or the disk's: not this row's
                         raise
                     row.problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 bar.update()
@@ -217,6 +221,35 @@ def export_run(
         return rows, bundle.commit(tmp, out, manifest, make_zip)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _final_metrics(run, data) -> dict:
+    """Training's final validation metrics (thresholds included), or computed when metrics.json is gone."""
+    path = run.path / METRICS
+    if not path.exists():
+        return {f"val_{k}": v for k, v in validation_metrics(run.model, run.loss, data.inputs("val"), data.labels("val")).items()}
+    try:
+        final = json.loads(path.read_text())["final"]
+        for key in ("val_threshold_at_far_1e-2", "val_threshold_at_far_1e-3", "val_num_samples"):
+            if not (isinstance(final[key], (int, float)) and math.isfinite(final[key])):
+                raise ValueError(f"{key} is {final[key]!r}")
+        return final
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is corrupt ({exc}): delete it to have export measure the thresholds again, or train again") from None
+
+
+def check_free_space(out: Path, model: torch.nn.Module, files: int, eval_bytes: int) -> None:
+    """Stop before writing when the disk cannot hold the bundle: the TFLite converter ends the whole
+    process (LLVM's exit) on a full disk instead of raising. A file holds at most the float32
+    weights and its graph; twice the sum leaves room for the converters' own temporaries."""
+    weights = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    needed = 2 * (files * (weights + 2**20) + 2 * eval_bytes) + 2**20
+    folder = Path(out).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f"no space left on device for the bundle: {folder} has {free / 2**20:.1f} MB free, the export needs about {needed / 2**20:.1f} MB; free some space or choose another --out")
 
 
 def _manifest(run, metrics: dict) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device_bench.files import plain_file_mode
 from edge_siamese.errors import UserError
 
 from .job import ExportJob
@@ -43,6 +44,7 @@ def write_metadata(path: Path, metadata: dict[str, str]) -> None:
         entry.name, entry.buffer = key, len(model.buffers) - 1
         model.metadata.append(entry)
     flatbuffer_utils.write_model(model, str(path))
+    plain_file_mode(path)  # the quantizer writes its files executable
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -1,11 +1,15 @@
-"""The Node client (clients/node/verify.mjs, on clients/core/bundle.mjs) on a real bundle: it
-accepts it, agrees with device_bench's golden check, handles int8 input/output, and rejects a
-tampered or inconsistent bundle with one clear line."""
+"""The Node client (clients/node/verify.mjs, on edge_siamese/app/web/bundle.mjs) on a real bundle:
+it accepts it, agrees with device_bench's golden check, handles int8 input/output, and rejects a
+tampered or inconsistent bundle, a model or manifest with non-finite numbers and a manifest path
+that leaves the bundle folder, with one clear line."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +27,7 @@ from device_bench.runtimes import open_runtime
 from conftest import BAD_MANIFESTS, copy_bundle, flip_byte
 
 NODE_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
+READER = Path(__file__).resolve().parents[1] / "edge_siamese" / "app" / "web" / "bundle.mjs"
 NODE = shutil.which("node")
 NODE_VERSION = tuple(int(v) for v in subprocess.run([NODE, "-p", "process.versions.node"], capture_output=True, text=True).stdout.split(".")[:2]) if NODE else (0, 0)
 
@@ -96,6 +101,136 @@ def test_node_rejects_a_tampered_file(client_bundle, tmp_path):
 @pytest.mark.parametrize("edit, fragments", BAD_MANIFESTS, ids=lambda v: getattr(v, "__name__", ""))
 def test_node_rejects_an_inconsistent_bundle(client_bundle, tmp_path, edit, fragments):
     assert_rejected(*verify(copy_bundle(client_bundle, tmp_path / "bundle", edit)), *fragments)
+
+
+# --- non-finite numbers: a NaN passes no gate -----------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def relist(bundle: Path, path: str) -> None:
+    """Update the sha256 and size of ``path`` in manifest.json after changing the file."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = next(e for e in manifest["files"] if e["path"] == path)
+    entry.update(sha256=sha256_of(bundle / path), size_bytes=(bundle / path).stat().st_size)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_node_fails_a_model_that_computes_nan(client_bundle, tmp_path):
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle")
+    model = onnx.load(bundle / "model_fp32.onnx")
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and len(init.dims) > 1:
+            init.CopyFrom(numpy_helper.from_array(np.full(tuple(init.dims), np.nan, np.float32), init.name))
+    onnx.save(model, bundle / "model_fp32.onnx")
+    relist(bundle, "model_fp32.onnx")
+    golden = np.load(bundle / "golden.npz")
+    assert np.isnan(open_runtime(bundle / "model_fp32.onnx", "onnx").run(golden["inputs"])).all()  # the file really computes NaN
+
+    proc, report = verify(bundle)
+    assert_rejected(proc, report, "model_fp32.onnx: min cosine is NaN", "non-finite embeddings")
+    row = report["files"]["model_fp32.onnx"]
+    assert row["ok"] is False
+    assert row["min_cosine"] is None  # NaN has no JSON spelling
+    assert row["error"].startswith("min cosine is NaN")
+    assert report["files"]["model_int8.onnx"]["ok"] is True  # the other file is still checked
+
+
+def locate(manifest: dict, field: str) -> tuple[dict | list, str | int]:
+    """The container and key of the manifest's ``field``, named as the clients name it (files[1].fidelity.min_cosine)."""
+    *parents, last = [int(key) if key.isdigit() else key for key in re.split(r"[.\[\]]+", field) if key]
+    return functools.reduce(lambda value, key: value[key], parents, manifest), last
+
+
+def set_infinity(bundle: Path, field: str) -> None:
+    """Set manifest.json's ``field`` to 1e999, which JSON.parse reads as Infinity (json.dumps cannot write it)."""
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    container, key = locate(manifest, field)
+    container[key] = "__INFINITY__"
+    path.write_text(json.dumps(manifest).replace('"__INFINITY__"', "1e999"))
+
+
+@pytest.mark.parametrize("field", [
+    "thresholds.far_1e-3", "thresholds.far_1e-2", "files[1].fidelity.min_cosine", "preprocessing.scale", "preprocessing.std[0]", "preprocessing.mean[0]",
+])
+def test_node_rejects_an_infinite_manifest_number(client_bundle, tmp_path, field):
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle")
+    set_infinity(bundle, field)
+    proc, report = verify(bundle)
+    assert_rejected(proc, report, f"{field} is Infinity, not a finite number")
+    assert report["files"] == {}  # refused before anything ran
+
+
+def test_node_rejects_an_infinite_int8_scale(client_bundle, tmp_path):
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle")
+    add_int8_io_model(bundle)
+    set_infinity(bundle, "files[0].output.scale")
+    assert_rejected(*verify(bundle), "files[0].output.scale is Infinity, not a finite number")
+
+
+def test_the_verdict_refuses_a_non_finite_distance():
+    """The page's verdict is a gate too: a NaN distance (NaN embeddings) is an error, not "Different"."""
+    code = f"""
+        import {{ verdict }} from {json.dumps(READER.as_uri())};
+        const outcome = (d) => {{ try {{ return verdict(d, {{ "far_1e-3": 0.5 }}).accept; }} catch (err) {{ return err.message; }} }};
+        console.log(JSON.stringify([0.1, 0.9, NaN, -Infinity].map(outcome)));
+    """
+    proc = subprocess.run([NODE, "--input-type=module", "-e", code], capture_output=True, text=True, timeout=60)
+    assert json.loads(proc.stdout) == [True, False, *(f"the distance is {d}: the model computes non-finite embeddings" for d in ("NaN", "-Infinity"))]
+
+
+# --- manifest paths stay inside the bundle folder -------------------------------------------------------
+
+# ../ and %2e%2e/ (a browser's ..) reach a copy of the listed file beside the bundle; %, ? and # mean
+# other files to a URL than to a file system; C: is a drive letter or a URL scheme.
+OUTSIDE_PATHS = ["../x.onnx", "/etc/passwd", "sub/../model_fp32.onnx", "./model_fp32.onnx", "a\\b", "%2e%2e/x.onnx", "x.onnx?v=1", "C:x.onnx"]
+
+
+@pytest.mark.parametrize("field", ["files[0].path", "eval.path", "golden.path"])
+@pytest.mark.parametrize("path", OUTSIDE_PATHS)
+def test_node_refuses_a_path_outside_the_bundle(client_bundle, tmp_path, field, path):
+    """Each path with the sha256 of the file it reaches, where it reaches one, so that only the path check can refuse it."""
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry, _ = locate(manifest, field)
+    shutil.copy(bundle / entry["path"], tmp_path / "x.onnx")
+    reached = Path(os.path.normpath(bundle / path))
+    entry.update(path=path, sha256=sha256_of(reached) if reached.is_file() else entry["sha256"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    proc, report = verify(bundle)
+    assert_rejected(proc, report, field, json.dumps(path), "relative")
+    assert "sha256" not in report["error"]  # refused before the file was read
+    assert report["files"] == {}
+
+
+@pytest.mark.parametrize("target", ["../outside.onnx", "/etc/passwd"])
+def test_node_refuses_a_symlink_out_of_the_bundle(client_bundle, tmp_path, target):
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle")
+    shutil.copy(bundle / "model_fp32.onnx", tmp_path / "outside.onnx")
+    (bundle / "link.onnx").symlink_to(target)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][0].update(path="link.onnx", sha256=sha256_of(bundle / "link.onnx"))
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    proc, report = verify(bundle)
+    assert_rejected(proc, report, "files[0].path", '"link.onnx"', "outside the bundle folder")
+    assert "sha256" not in report["error"]
+
+
+def test_node_follows_symlinks_inside_the_bundle(client_bundle, tmp_path):
+    """A symlink that stays inside the bundle is fine, and so is a bundle folder reached through one."""
+    bundle = copy_bundle(client_bundle, tmp_path / "bundle")
+    (bundle / "models").mkdir()
+    (bundle / "models" / "link.onnx").symlink_to("../model_fp32.onnx")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][0]["path"] = "models/link.onnx"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "alias").symlink_to(bundle)
+    proc, report = verify(tmp_path / "alias")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["files"]["models/link.onnx"]["ok"] is True
 
 
 def test_node_usage_mistake_exits_2(tmp_path):

@@ -98,7 +98,22 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
     proc = run_cli("train", "--loss", "shadow-raw", "--lr", "1e8", "--quiet", "--out", out, check=False)
     assert_one_line_error(proc, "training stopped", "Lower --lr")
     assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
-    assert "no epoch finished" in proc.stderr and not (out / "checkpoint.pt").exists()
+    assert "no epoch finished" in proc.stderr and not out.exists()  # nothing to resume, nothing left
+
+
+def test_a_kept_checkpoint_is_finite_in_every_parameter_and_buffer(tmp_path):
+    """At --lr 1e5 the loss can stay finite while BatchNorm's running_var overflows: such an epoch
+    is not "good", so the checkpoint kept is the last one whose every number is finite."""
+    out = tmp_path / "run"
+    proc = run_cli("train", "--lr", "1e5", "--epochs", "6", "--quiet", "--out", out, check=False)
+    assert proc.returncode == 2 and "training stopped" in proc.stderr, proc.stderr
+    if (out / "checkpoint.pt").exists():
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        for part in ("model", "loss"):
+            for name, tensor in state[part].items():
+                assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), name
+    else:
+        assert not out.exists()
 
 
 def test_divergence_after_a_good_epoch_keeps_its_checkpoint(tmp_path):

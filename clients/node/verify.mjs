@@ -7,8 +7,8 @@
 //
 //   node verify.mjs BUNDLE
 
-import { existsSync, readFileSync } from "node:fs";
-import { join } from "node:path";
+import { existsSync, readFileSync, realpathSync } from "node:fs";
+import { isAbsolute, join, relative, sep } from "node:path";
 
 import { BundleError, checkManifest, checkSha256, listedFiles, oneLine, onnxRunner, readNpz, requireOnnx, selfCheck } from "../../edge_siamese/app/web/bundle.mjs";
 
@@ -23,18 +23,26 @@ function readManifest(bundle) {
   }
 }
 
-function readFile(bundle, entry) {
+/** The bytes of the file manifest.json lists as `field`, read only once its real path (symlinks resolved) is inside the bundle folder. */
+function readFile(bundle, field, entry) {
   const path = join(bundle, entry.path);
   if (!existsSync(path)) throw new BundleError(`${entry.path} is missing from ${bundle}: copy the whole bundle folder`);
-  return new Uint8Array(readFileSync(path));
+  const real = realpathSync(path);
+  const inside = relative(realpathSync(bundle), real);
+  if (inside === "" || inside === ".." || inside.startsWith(`..${sep}`) || isAbsolute(inside)) {
+    throw new BundleError(
+      `manifest.json's ${field}.path ${JSON.stringify(entry.path)} resolves to ${real}, outside the bundle folder: copy the file into the bundle instead of linking to it`,
+    );
+  }
+  return new Uint8Array(readFileSync(real));
 }
 
 async function verify(bundle, report) {
   const manifest = readManifest(bundle);
   requireOnnx(manifest);
   const files = {};
-  for (const entry of listedFiles(manifest)) {
-    files[entry.path] = readFile(bundle, entry);
+  for (const [field, entry] of listedFiles(manifest)) {
+    files[entry.path] = readFile(bundle, field, entry);
     await checkSha256(entry, files[entry.path]);
   }
   const golden = await readNpz(files[manifest.golden.path], manifest.golden.path, ["images", "inputs", "embeddings"]);

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from device_bench.errors import describe_os_error
 from device_bench.manifest import BundleError
 from export.job import CALIB_SAMPLES
 
@@ -21,6 +22,7 @@ from .compare import PRESETS, CompareConfig
 from .targets import BenchSettings
 
 EXIT_USER_ERROR = 2
+EXIT_ENVIRONMENT = 1  # a full disk, a read-only file system: not the user's command
 # Every default below is read from these: the dataclasses are the one home of each.
 TRAIN, COMPARE, BENCH = TrainConfig(), CompareConfig(), BenchSettings()
 
@@ -86,7 +88,9 @@ def evaluate(run_dir, split, json_path, device, force) -> None:
     """Retrieval and verification metrics of a trained run on one of its splits."""
     from ..checkpoints import read_config
     from ..evaluate import default_output, evaluate_run
-    from ..files import check_new_file, write_json
+    from device_bench.files import write_json
+
+    from ..files import check_new_file
 
     path = json_path or default_output(run_dir, split)
     read_config(run_dir)  # not a run folder: that error first, it says more than one about the output
@@ -157,17 +161,24 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
 @click.option("--instructions", is_flag=True, default=BENCH.instructions, help="arm64-emulated: also count guest instructions per inference (deterministic ARM cost).")
 @click.option("--remote-python", default=BENCH.remote_python, show_default=True, help="ssh: the device's Python (e.g. a venv's bin/python).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json.")
-def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, instructions, remote_python, json_path, force) -> None:
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, instructions, remote_python, json_path, force, quiet) -> None:
     """Benchmark a bundle on a target: this CPU, a CUDA GPU, emulated aarch64, or a device over ssh."""
     from device_bench.document import table
 
-    from ..files import check_new_file, write_json
+    from device_bench.files import write_json
+
+    from ..files import check_new_file
     from .targets import run_target
 
     check_new_file(json_path, force)
     if runs < 1:
         raise UserError(f"--runs {runs}: use at least 1")
-    settings = BenchSettings(ints(batch, "batch"), warmup, runs, ints(gallery, "gallery"), threads, formats, precision, run_dir, cpu_model, instructions, remote_python)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: use at least 1, or leave it out for the runtime's default")
+    if warmup < 0:
+        raise UserError(f"--warmup {warmup}: use 0 or more")
+    settings = BenchSettings(ints(batch, "batch"), warmup, runs, ints(gallery, "gallery"), threads, formats, precision, run_dir, cpu_model, instructions, remote_python, not quiet)
     result = run_target(target, bundle, settings)
     if result["target"].get("emulated"):
         click.echo("emulated: times below are qemu's, not device latency")
@@ -263,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()} (see 'edge-siamese --help')", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the disk or the file system, not the code: its path and cause in one line
+        click.echo(f"error: {describe_os_error(exc)}", err=True)
+        sys.exit(EXIT_ENVIRONMENT)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import stats
 
 from device_bench.bench import eval_accuracy
+from device_bench.files import folder_problem, write_json
 from device_bench.formats import PRECISIONS
 from device_bench.manifest import read_bundle
 from device_bench.runtimes import open_runtime
@@ -27,14 +28,15 @@ from export.exporter import check_formats, default_formats, export_run
 from .. import __version__
 from ..checkpoints import METRICS, load_run, read_config
 from ..config import TrainConfig
+from ..models import MAX_DIM, MIN_DIM
 from ..errors import UserError
 from ..evaluate import evaluate_run
-from ..files import remove_result_folder, write_json
+from ..files import remove_result_folder
 from ..models import embed
 from ..progress import progress_bar
 from ..run import prepare_data
 from ..train import train
-from .report import write_report
+from .report import with_ci, write_report
 from .targets import TARGETS, BenchSettings, run_target
 
 COMPARE_TARGETS = tuple(name for name, target in TARGETS.items() if target.in_compare)
@@ -79,22 +81,31 @@ class CompareConfig:
                 raise UserError(f"unknown target {t!r}: choose from {', '.join(COMPARE_TARGETS)}")
         if self.seeds < 1 or not self.dims or not self.losses:
             raise UserError("compare needs at least one seed, one dim and one loss")
+        for option, values in (("--dims", self.dims), ("--losses", self.losses), ("--targets", self.targets)):
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:
+                raise UserError(f"{option} names {', '.join(map(str, repeated))} more than once: list each once")
+        if not MIN_DIM <= self.baseline_dim <= MAX_DIM:
+            raise UserError(f"--baseline-dim {self.baseline_dim} is out of range: use {MIN_DIM} to {MAX_DIM}")
+        for dim in self.dims:
+            if not MIN_DIM <= dim <= MAX_DIM:
+                raise UserError(f"--dims: {dim} is out of range: use {MIN_DIM} to {MAX_DIM}")
         for loss, dim, seed in self.runs():
             self.train_config(loss, dim, seed)
         return self
 
 
 def mean_ci(values: list[float]) -> dict:
-    """Mean and the half-width of its 95% t-interval (NaN with one value: no interval)."""
+    """Mean and the half-width of its 95% t-interval (None with one value: no interval; results.json is strict JSON)."""
     v = np.asarray(values, dtype=float)
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
     return {"mean": float(v.mean()), "ci95": half, "n": int(len(v)), "values": [float(x) for x in v]}
 
 
 def paired_delta(values: list[float], baseline: list[float]) -> dict:
     """Per-seed differences against the baseline (same seed, same split): mean, CI, significance."""
     d = mean_ci([a - b for a, b in zip(values, baseline)])
-    d["significant"] = bool(d["n"] > 1 and abs(d["mean"]) > d["ci95"])
+    d["significant"] = bool(d["ci95"] is not None and abs(d["mean"]) > d["ci95"])
     return d
 
 
@@ -138,7 +149,7 @@ def _epochs_to_95(history: list[dict]) -> int:
 
 
 def _bench(target: str, bundle: Path, run_dir: Path, config: CompareConfig) -> dict:
-    settings = BenchSettings(batches=[1], warmup=3, runs=config.bench_runs, gallery=config.gallery, run_dir=run_dir, instructions=target == "arm64-emulated")
+    settings = BenchSettings(batches=[1], warmup=3, runs=config.bench_runs, gallery=config.gallery, run_dir=run_dir, instructions=target == "arm64-emulated", progress=False)
     return run_target(target, bundle, settings)
 
 
@@ -149,10 +160,20 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
     config.validate()
     if force:
         remove_result_folder(out, "compare_config.json")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder: choose another --out")
+    if problem := folder_problem(out):
+        raise UserError(problem)
     specs = config.runs()
     saved_path = out / "compare_config.json"
-    if saved_path.exists() and json.loads(saved_path.read_text()) != asdict(config):
-        raise UserError(f"{out} holds a compare with other settings: use another --out, or --force to start over")
+    if saved_path.exists():
+        try:
+            same = json.loads(saved_path.read_text()) == asdict(config)
+        except ValueError:
+            same = False
+        if not same:
+            raise UserError(f"{out} holds a compare with other settings: use another --out, or --force to start over")
+    prepare_data(config.train_config(*specs[0]))  # the dataset loads and splits: checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved_path, asdict(config))
 
@@ -189,9 +210,12 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
 
     bench = {}
     models = [("triplet", config.baseline_dim)] + [(loss, dim) for dim in config.dims for loss in config.losses]
+    bar = progress_bar(len(config.targets) * len(models) + 1, "benchmark and report", enabled=progress, unit="step")
     for target in config.targets:
         bench[target] = {}
         for loss, dim in models:
+            bar.set_postfix_str(f"{loss} d={dim} on {target}")
+            bar.update()
             run_dir = _run_dir(out, loss, dim, 0)
             path = out / "bench" / f"{loss}-d{dim}-{target}.json"
             if not path.exists():
@@ -213,7 +237,10 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
         "bench": bench,
     }
     write_json(out / "results.json", results)
+    bar.set_postfix_str("report")
     write_report(results, out, _embeddings_2d(config, out))
+    bar.update()
+    bar.close()
     return results
 
 
@@ -307,7 +334,7 @@ def verdict(config: CompareConfig, rows: list[dict]) -> list[str]:
                     word = "not significantly different from"
                 lines.append(
                     f"d={dim}: {loss} {name} {row[name]['mean']:.4f} vs triplet {trip[name]['mean']:.4f} "
-                    f"(Δ {d['mean']:+.4f} ± {d['ci95']:.4f}): {word} triplet at the same dim."
+                    f"(Δ {with_ci(d, '+')}): {word} triplet at the same dim."
                 )
         for loss in config.losses:
             row = torch_rows[(loss, dim)]
@@ -315,7 +342,7 @@ def verdict(config: CompareConfig, rows: list[dict]) -> list[str]:
             state = "significantly below" if d["significant"] and d["mean"] < 0 else "significantly above" if d["significant"] else "within noise of"
             lines.append(
                 f"d={dim}: {loss} is {state} the d={config.baseline_dim} triplet baseline on precision_at_1 "
-                f"(Δ {d['mean']:+.4f} ± {d['ci95']:.4f}); its int8 gallery takes {dim} B per identity against "
+                f"(Δ {with_ci(d, '+')}); its int8 gallery takes {dim} B per identity against "
                 f"{4 * config.baseline_dim} B for the baseline at fp32."
             )
     return lines

@@ -102,7 +102,12 @@ def check_onnx_files(bundle: Bundle) -> None:
     if not entries:
         raise UserError(f"{bundle.path} has no ONNX file, which the page runs: export it with --format onnx")
     for entry in entries:
-        shape, expected = open_runtime(bundle.path / entry["path"], "onnx").io_details()["input"]["shape"], entry["input"]["shape"]
+        try:
+            shape = open_runtime(bundle.path / entry["path"], "onnx").io_details()["input"]["shape"]
+        except Exception as exc:  # ONNX Runtime raises its own types for a damaged model
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{entry['path']} cannot be loaded by ONNX Runtime ({first}): export the bundle again") from None
+        expected = entry["input"]["shape"]
         if len(shape) != len(expected) or any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape[1:], expected[1:])):
             raise UserError(f"{entry['path']} takes input of shape {shape} but manifest.json says {expected}: export the bundle again")
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..files import atomic_path  # noqa: E402
+from device_bench.files import atomic_path  # noqa: E402
 
 COLUMNS = (
     "loss", "dim", "format", "precision", "status", "P@1", "MAP@R", "TAR@FAR=1e-3", "ΔP@1 vs baseline",
@@ -21,15 +21,14 @@ COLUMNS = (
 )
 
 
-def _ci(stat: dict) -> str:
-    return f"{stat['mean']:.4f}" if stat["n"] < 2 else f"{stat['mean']:.4f} ± {stat['ci95']:.4f}"
+def with_ci(stat: dict, sign: str = "") -> str:
+    """``mean ± ci95``, or the mean alone when one run gives no interval."""
+    text = f"{stat['mean']:{sign}.4f}"
+    return text if stat["ci95"] is None else f"{text} ± {stat['ci95']:.4f}"
 
 
 def _delta(stat: dict, baseline: bool) -> str:
-    if baseline:
-        return "baseline"
-    text = f"{stat['mean']:+.4f}" if stat["n"] < 2 else f"{stat['mean']:+.4f} ± {stat['ci95']:.4f}"
-    return text + (" *" if stat.get("significant") else "")
+    return "baseline" if baseline else with_ci(stat, "+") + (" *" if stat.get("significant") else "")
 
 
 def table_rows(results: dict, target: str) -> list[list[str]]:
@@ -47,7 +46,7 @@ def table_rows(results: dict, target: str) -> list[list[str]]:
         out.append([
             r["loss"], str(r["dim"]), r["format"], r["precision"],
             r["status"] + (f" ({r['degraded_seeds']}/{results['config']['seeds']})" if r["status"] == "degraded" else ""),
-            _ci(r["precision_at_1"]), _ci(r["mean_average_precision_at_r"]), _ci(r["tar_at_far_1e-3"]),
+            with_ci(r["precision_at_1"]), with_ci(r["mean_average_precision_at_r"]), with_ci(r["tar_at_far_1e-3"]),
             _delta(r["delta_precision_at_1"], r["baseline"]),
             f"{r['size_bytes'] / 1024:.1f}" if "size_bytes" in r else "-", *perf,
             str(r["gallery_bytes_per_identity"]), f"{r['train_time_s']['mean']:.1f}", f"{r['peak_train_rss_mb']['mean']:.0f}",
@@ -71,7 +70,7 @@ def plot_all(results: dict, out: Path, embeddings_2d: dict[str, tuple[np.ndarray
     fig, ax = plt.subplots(figsize=(6, 4))
     for loss in config["losses"]:
         pts = [r for r in rows if r["loss"] == loss and r["format"] == "pytorch" and not r["baseline"]]
-        ax.errorbar([r["dim"] for r in pts], [r["precision_at_1"]["mean"] for r in pts], yerr=[np.nan_to_num(r["precision_at_1"]["ci95"]) for r in pts], marker="o", capsize=3, label=loss)
+        ax.errorbar([r["dim"] for r in pts], [r["precision_at_1"]["mean"] for r in pts], yerr=[r["precision_at_1"]["ci95"] or 0 for r in pts], marker="o", capsize=3, label=loss)
     base = next(r for r in rows if r["baseline"] and r["format"] == "pytorch")
     ax.axhline(base["precision_at_1"]["mean"], color="grey", ls="--", label=f"triplet d={config['baseline_dim']}")
     ax.set(xscale="log", xlabel="embedding dim", ylabel="test precision@1", title="precision@1 vs embedding dim")

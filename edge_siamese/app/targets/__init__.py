@@ -29,6 +29,7 @@ class BenchSettings:
     cpu_model: str = "cortex-a72"  # arm64-emulated: the core qemu models
     instructions: bool = False  # arm64-emulated: also count guest instructions per inference
     remote_python: str = "python3"  # ssh: the device's Python
+    progress: bool = True  # cpu: show device_bench's progress line per file
 
     def device_bench_args(self) -> list[str]:
         """The ``python -m device_bench`` options."""

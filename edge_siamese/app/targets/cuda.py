@@ -66,13 +66,16 @@ def _row(bundle: Bundle, row: dict, runner, required_min_cosine: float, settings
     started = time.perf_counter()
     runner.run(golden["inputs"][:1])
     row["first_inference_ms"] = (time.perf_counter() - started) * 1000
-    agreement = embedding_agreement(runner.run(golden["inputs"]), golden["embeddings"])
+    try:
+        agreement = embedding_agreement(runner.run(golden["inputs"]), golden["embeddings"])
+    except ValueError as exc:  # non-finite embeddings
+        return {**row, "status": "failed", "error": f"golden check failed: {exc}"}
     row["golden"] = {
         "min_cosine": agreement["min_cosine"],
         "required_min_cosine": required_min_cosine,
         "preprocessing_max_abs_diff": float(np.abs(bundle.preprocessing(golden["images"]) - golden["inputs"]).max()),
     }
-    if agreement["min_cosine"] < required_min_cosine:
+    if not agreement["min_cosine"] >= required_min_cosine:
         return {**row, "status": "failed", "error": f"golden check failed: min cosine {agreement['min_cosine']:.5f} < {required_min_cosine:.5f}"}
     row["latency"] = []
     for batch in settings.batches:

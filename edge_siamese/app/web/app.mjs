@@ -29,7 +29,7 @@ async function loadBundle() {
   checkManifest(manifest);
   requireOnnx(manifest);
   const files = {};
-  for (const entry of listedFiles(manifest)) {
+  for (const [, entry] of listedFiles(manifest)) {
     files[entry.path] = await fetchBytes(entry.path);
     await checkSha256(entry, files[entry.path]);
   }

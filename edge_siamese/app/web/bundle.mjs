@@ -26,6 +26,50 @@ const FILE_REQUIRED = [
 
 const missingFields = (object, paths) => paths.filter((path) => path.split(".").reduce((value, part) => value?.[part], object) === undefined);
 
+const shown = (value) => (typeof value === "number" ? String(value) : JSON.stringify(value)); // Infinity and NaN as such
+
+/**
+ * What is wrong with the manifest numbers that a gate compares or that feed one (the preprocessing,
+ * the distance's weights, the thresholds, each file's min cosine and int8/uint8 scales): each must
+ * be a finite number, as NaN fails every comparison silently. JSON has no NaN, but 1e999 parses to Infinity.
+ */
+function numberProblems(manifest) {
+  const { preprocessing: pre, embedding, thresholds } = manifest;
+  const numbers = [["preprocessing.scale", pre.scale]];
+  const problems = [];
+  const list = (field, values, length) => {
+    if (Array.isArray(values) && values.length === length) numbers.push(...values.map((v, i) => [`${field}[${i}]`, v]));
+    else problems.push(`${field} is ${shown(values)}, not a list of ${length} finite numbers`);
+  };
+  list("preprocessing.raw_range", pre.raw_range, 2);
+  list("preprocessing.mean", pre.mean, pre.channels);
+  list("preprocessing.std", pre.std, pre.channels);
+  if (embedding.distance === "weighted_l1") list("embedding.distance_weights", embedding.distance_weights, embedding.dim);
+  for (const key of Object.keys(thresholds).filter((key) => key.startsWith("far_"))) numbers.push([`thresholds.${key}`, thresholds[key]]);
+  manifest.files.forEach((entry, i) => {
+    numbers.push([`files[${i}].fidelity.min_cosine`, entry.fidelity.min_cosine]);
+    for (const io of ["input", "output"].filter((io) => entry[io].dtype in INT_RANGES)) {
+      numbers.push([`files[${i}].${io}.scale`, entry[io].scale], [`files[${i}].${io}.zero_point`, entry[io].zero_point]);
+    }
+  });
+  return [...problems, ...numbers.filter(([, v]) => !Number.isFinite(v)).map(([field, v]) => `${field} is ${shown(v)}, not a finite number`)];
+}
+
+/**
+ * Why `path` cannot name a file inside the bundle folder, or null when it can: it must be relative
+ * and normalised, and mean the same file to a file system and to a URL (no %, ? or #, no backslash).
+ * Checked before anything is read; verify.mjs also resolves symlinks.
+ */
+function pathProblem(path) {
+  if (typeof path !== "string" || path === "") return "is not a file name";
+  if (/[\x00-\x1f\x7f]/.test(path)) return "holds a control character";
+  if (path.startsWith("/")) return "is absolute";
+  if (/^[^/]*:/.test(path)) return "starts with a drive letter or URL scheme";
+  if (/[\\%?#]/.test(path)) return "holds a backslash, %, ? or #";
+  if (path.split("/").some((part) => part === "" || part === "." || part === "..")) return "has an empty, . or .. part";
+  return null;
+}
+
 /** The parsed manifest.json, checked for what the clients use; throws a BundleError that says how to fix it. */
 export function checkManifest(manifest) {
   if (manifest?.schema_version !== SCHEMA_VERSION) {
@@ -39,6 +83,16 @@ export function checkManifest(manifest) {
     ...manifest.files.flatMap((entry, i) => missingFields(entry, FILE_REQUIRED).map((path) => `files[${i}].${path}`)),
   ];
   if (missing.length) throw new BundleError(`manifest.json lacks ${missing.join(", ")}: export the bundle again`);
+  const problems = numberProblems(manifest);
+  if (problems.length) throw new BundleError(`manifest.json's ${problems.join("; ")}: export the bundle again`);
+  for (const [field, entry] of listedFiles(manifest)) {
+    const problem = pathProblem(entry.path);
+    if (problem) {
+      throw new BundleError(
+        `manifest.json's ${field}.path ${shown(entry.path)} ${problem}: a bundle's paths are relative, plain names inside its folder; export the bundle again`,
+      );
+    }
+  }
   return manifest;
 }
 
@@ -50,9 +104,9 @@ export function requireOnnx(manifest) {
   }
 }
 
-/** Every file manifest.json lists (models, eval, golden), each as `{ path, sha256 }`. */
+/** Every file manifest.json lists (models, eval, golden), each as `[field, { path, sha256 }]`, the field naming it in messages. */
 export function listedFiles(manifest) {
-  return [...manifest.files, manifest.eval, manifest.golden];
+  return [...manifest.files.map((entry, i) => [`files[${i}]`, entry]), ["eval", manifest.eval], ["golden", manifest.golden]];
 }
 
 export async function sha256Hex(bytes) {
@@ -232,11 +286,6 @@ export async function embed(entry, inputs, run) {
   if (![entry.input.dtype, entry.output.dtype].every((dtype) => dtype === "float32" || dtype in INT_RANGES)) {
     throw new BundleError(`${entry.path} has ${entry.input.dtype} input and ${entry.output.dtype} output; float32, int8 and uint8 are supported`);
   }
-  for (const io of [entry.input, entry.output]) {
-    if (io.dtype !== "float32" && (typeof io.scale !== "number" || typeof io.zero_point !== "number")) {
-      throw new BundleError(`${entry.path} has ${io.dtype} ${io.name} without a scale and zero point in manifest.json: export the bundle again`);
-    }
-  }
   const [n, ...sample] = inputs.shape;
   checkInputShape(entry, inputs.shape, "the images have");
   const per = sample.reduce((a, b) => a * b, 1);
@@ -290,9 +339,13 @@ export function onnxRunner(ort, files, provider, runtime) {
  * Python's `inputs`; then every model file: `runners[format]` is `async (entry) => ({ run, runtime })`,
  * or a string saying why this client cannot run the format (the file is skipped). Fills
  * `report.preprocessing`, `report.files`, `report.skipped` and `report.ok`; a file fails below its
- * export-time min cosine - GOLDEN_SLACK.
+ * export-time min cosine - GOLDEN_SLACK, or when its min cosine is not a finite number. The bundle
+ * is ok only when the preprocessing and every file checked are, and at least one file was.
  */
 export async function selfCheck(manifest, golden, runners, report) {
+  for (const [key, array] of Object.entries(golden)) {
+    if (!array.data.every(Number.isFinite)) throw new BundleError(`golden.npz's ${key} hold non-finite values: export the bundle again`);
+  }
   const failures = [];
   const inputs = preprocessRaw(golden.images, manifest.preprocessing);
   if (`${inputs.shape}` !== `${golden.inputs.shape}`) {
@@ -303,8 +356,11 @@ export async function selfCheck(manifest, golden, runners, report) {
     maxAbsDiff = Math.max(maxAbsDiff, Math.abs(v - golden.inputs.data[i]));
     largest = Math.max(largest, Math.abs(v));
   });
-  report.preprocessing = { max_abs_diff: maxAbsDiff, ok: maxAbsDiff <= PREPROCESSING_TOLERANCE * largest };
-  if (!report.preprocessing.ok) failures.push(`preprocessing differs from Python's by ${maxAbsDiff.toExponential(2)}`);
+  const preprocessingFailure = !Number.isFinite(maxAbsDiff)
+    ? `preprocessing max abs diff is ${maxAbsDiff}: this client's preprocessing computes non-finite inputs`
+    : maxAbsDiff > PREPROCESSING_TOLERANCE * largest ? `preprocessing differs from Python's by ${maxAbsDiff.toExponential(2)}` : null;
+  report.preprocessing = { max_abs_diff: maxAbsDiff, ok: preprocessingFailure === null };
+  if (preprocessingFailure) failures.push(preprocessingFailure);
   for (const entry of manifest.files) {
     const runner = runners[entry.format];
     if (typeof runner !== "function") {
@@ -315,15 +371,20 @@ export async function selfCheck(manifest, golden, runners, report) {
     try {
       const { run, runtime } = await runner(entry);
       const check = agreement(await embed(entry, golden.inputs, run), golden.embeddings);
-      report.files[entry.path] = { ...check, required_min_cosine: bar, runtime, ok: check.min_cosine >= bar };
-      if (check.min_cosine < bar) failures.push(`${entry.path}: golden min cosine ${check.min_cosine.toFixed(6)} < ${bar.toFixed(6)}`);
+      const failure = !Number.isFinite(check.min_cosine)
+        ? `min cosine is ${check.min_cosine}: the model computes non-finite embeddings`
+        : check.min_cosine < bar ? `golden min cosine ${check.min_cosine.toFixed(6)} < ${bar.toFixed(6)}` : null;
+      report.files[entry.path] = { ...check, required_min_cosine: bar, runtime, ok: failure === null, ...(failure && { error: failure }) };
+      if (failure) failures.push(`${entry.path}: ${failure}`);
     } catch (err) {
       report.files[entry.path] = { required_min_cosine: bar, ok: false, error: oneLine(err) };
       failures.push(`${entry.path}: ${oneLine(err)}`);
     }
   }
-  if (failures.length) report.error = `golden check failed: ${failures.join("; ")}`;
-  report.ok = failures.length === 0;
+  const checked = Object.values(report.files);
+  if (checked.length === 0) failures.push("this client could run none of the model files");
+  report.ok = report.preprocessing.ok && checked.length > 0 && checked.every((row) => row.ok);
+  if (!report.ok) report.error = `golden check failed: ${failures.join("; ")}`;
 }
 
 export function oneLine(err) {
@@ -358,6 +419,7 @@ export function distance(a, b, embedding) {
 /** Same identity? `{ accept, distance, threshold }` at the manifest's threshold for that FAR. */
 export function verdict(d, thresholds, far = "1e-3") {
   const threshold = thresholds[`far_${far}`];
-  if (typeof threshold !== "number") throw new BundleError(`manifest.json has no threshold for FAR ${far}`);
+  if (!Number.isFinite(threshold)) throw new BundleError(`manifest.json has no finite threshold for FAR ${far}`);
+  if (!Number.isFinite(d)) throw new BundleError(`the distance is ${d}: the model computes non-finite embeddings`);
   return { accept: d < threshold, distance: d, threshold };
 }
