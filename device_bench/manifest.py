@@ -190,15 +190,16 @@ def bundle_file(root: Path, relative: str, field: str) -> Path:
     return path
 
 
-def read_bundle(path: Path, verify_sha256: bool = True) -> Bundle:
+def read_bundle(path: Path, verify_sha256: bool = True, staging: bool = False) -> Bundle:
     """Read and validate ``path/manifest.json`` and check the sha256 of every file it lists.
 
     ``verify_sha256=False`` only checks that the files exist: for a benchmark child process
-    whose parent has just verified the same bundle.
+    whose parent has just verified the same bundle. A staging folder (an export under way, or
+    one that died) is refused, except with ``staging=True``: the exporter's check before its rename.
     """
     path = Path(path)
     manifest_path = path / MANIFEST
-    if TEMPORARY.match(path.name):
+    if TEMPORARY.match(path.name) and not staging:
         raise BundleError(f"{path} is the staging folder of an unfinished export, not a bundle: export again (that removes it)")
     if not manifest_path.is_file():
         raise BundleError(f"{path} is not a bundle (no {MANIFEST}): pass the folder 'edge-siamese export' wrote")

@@ -46,7 +46,7 @@ def commit(tmp: Path, out: Path, manifest: dict, make_zip: bool) -> Path:
     listed = {e["path"] for e in manifest["files"]} | {manifest["eval"]["path"], manifest["golden"]["path"], MANIFEST}
     for stray in [p for p in tmp.iterdir() if p.name not in listed]:
         stray.unlink()
-    read_bundle(tmp)
+    read_bundle(tmp, staging=True)
     out = Path(out)
     if out.exists():
         old = temporary_name(out)
