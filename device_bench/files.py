@@ -57,10 +57,9 @@ def folder_problem(folder: Path) -> str:
     probe = temporary_name(existing / "edge-siamese-probe")
     try:
         probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
-        probe.unlink(missing_ok=True)
-        return f"cannot write in {existing}: {describe_os_error(exc)}"
+        return f"cannot write in {existing}: {(exc.strerror or type(exc).__name__).lower()}; choose a place you can write to"
+    probe.unlink()
     return ""
 
 
