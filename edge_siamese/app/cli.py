@@ -139,9 +139,8 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
     bad = [r for r in rows if r.status != "verified"]
     if written is None:
         details = "; ".join(f"{r.format} {r.precision}: {r.problem}" for r in bad)
-        raise UserError(
-            f"no bundle written: {details}. Try more --calib-samples, or pass --allow-degraded to keep the files marked degraded"
-        )
+        calibration = "Try more --calib-samples, or pass" if any(r.precision == "int8" and r.status == "degraded" for r in bad) else "Pass"
+        raise UserError(f"no bundle written: {details}. {calibration} --allow-degraded to keep the files that ran (marked degraded)")
     click.echo(f"wrote {written}" + (f" ({len(bad)} file(s) marked {', '.join(sorted({r.status for r in bad}))})" if bad else ""))
 
 
