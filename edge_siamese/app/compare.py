@@ -215,7 +215,6 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
         bench[target] = {}
         for loss, dim in models:
             bar.set_postfix_str(f"{loss} d={dim} on {target}")
-            bar.update()
             run_dir = _run_dir(out, loss, dim, 0)
             path = out / "bench" / f"{loss}-d{dim}-{target}.json"
             if not path.exists():
@@ -226,6 +225,7 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
                 path.parent.mkdir(exist_ok=True)
                 write_json(path, result)
             bench[target][f"{loss}-d{dim}"] = json.loads(path.read_text())
+            bar.update()
 
     results = {
         "toolkit_version": __version__,
