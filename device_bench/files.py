@@ -8,11 +8,10 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
-from .errors import describe_os_error
 
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|staging)-(?P<pid>\d+)$")
 
@@ -43,7 +42,8 @@ def remove_dead_temporaries(path: Path) -> None:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
-                entry.unlink(missing_ok=True)
+                with suppress(OSError):  # a read-only folder: the check that follows says so
+                    entry.unlink()
 
 
 def folder_problem(folder: Path) -> str:
@@ -54,6 +54,7 @@ def folder_problem(folder: Path) -> str:
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is a file, not a folder: choose a path in a folder"
+    remove_dead_temporaries(existing / "edge-siamese-probe")
     probe = temporary_name(existing / "edge-siamese-probe")
     try:
         probe.write_bytes(b"")

@@ -70,6 +70,14 @@ def survivors(session: int, recorded: dict[int, str], seconds: float) -> dict[in
         time.sleep(0.1)
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of ``/proc/PID/stat`` (R, S, T, Z, ...), or None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def sigterm_pending(pid: int) -> bool:
     """Whether SIGTERM waits to be delivered to ``pid`` (its own or its thread group's pending set)."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -170,12 +178,25 @@ def test_a_compare_killed_while_benchmarking_leaves_no_benchmark_running_no_temp
     def bench_child():
         return [pid for pid, info in processes().items() if info["ppid"] == proc.pid and "-m device_bench" in info["cmdline"]]
 
-    try:
-        (child, *_) = wait_for(bench_child, proc, 400, "python -m device_bench child")
-        recorded = descendants(proc.pid)
+    def stopped_bench_child():
         # Stopped, the child cannot finish its benchmark meanwhile: whether it was told to end
         # with its parent is then a fact to read (a pending SIGTERM), not a race against a clock.
-        os.kill(child, signal.SIGSTOP)
+        # SIGSTOP takes effect asynchronously, so wait for the stopped state; a child that ends
+        # first (its benchmark done) is passed over for the next one.
+        for pid in bench_child():
+            os.kill(pid, signal.SIGSTOP)
+            for _ in range(500):
+                state = process_state(pid)
+                if state in ("T", None, "Z"):
+                    break
+                time.sleep(0.01)
+            if state == "T":
+                return [pid]
+        return []
+
+    try:
+        (child,) = wait_for(stopped_bench_child, proc, 400, "a stopped python -m device_bench child")
+        recorded = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         assert sigterm_pending(child), "the device_bench child was not told to end with its parent"
