@@ -48,6 +48,12 @@ def eval_accuracy(bundle, model) -> dict:
     return {k: metrics[k] for k in ACCURACY}
 
 
+def memory_since(before: dict) -> dict:
+    """Current and peak RSS, with the increase over ``before`` (an earlier ``memory_mb()``)."""
+    after = memory_mb()
+    return {**after, "rss_increase_mb": after["rss_mb"] - before["rss_mb"], "baseline_rss_mb": before["rss_mb"]}
+
+
 def reset_peak_rss() -> None:
     """Start this process's peak RSS (``VmHWM``) over from its current RSS (Linux >= 4.0, by
     writing 5 to ``/proc/self/clear_refs``), so that a later ``memory_mb()`` gives the peak of what
@@ -122,9 +128,7 @@ def bench_file(
     try:
         check = embedding_agreement(golden_out, golden["embeddings"], None, embedding["distance"], weights)
     except ValueError as exc:  # non-finite outputs: no figure to report, the row fails
-        after = memory_mb()
-        return {**row, "status": "failed", "error": f"golden check failed: {exc}; this runtime or model computes non-finite values",
-                "memory": {**after, "rss_increase_mb": after["rss_mb"] - before["rss_mb"]}}
+        return {**row, "status": "failed", "error": f"golden check failed: {exc}; this runtime or model computes non-finite values", "memory": memory_since(before)}
     preprocessed = bundle.preprocessing(golden["images"])
     row["golden"] = {
         "min_cosine": check["min_cosine"],
@@ -132,11 +136,8 @@ def bench_file(
         "preprocessing_max_abs_diff": float(np.abs(preprocessed - golden["inputs"]).max()),
     }
     if not check["min_cosine"] >= bar:
-        row["status"] = "failed"
-        row["error"] = f"golden check failed: min cosine {check['min_cosine']:.5f} < {bar:.5f}; this runtime miscomputes the model"
-        after = memory_mb()
-        row["memory"] = {**after, "rss_increase_mb": after["rss_mb"] - before["rss_mb"]}
-        return row
+        error = f"golden check failed: min cosine {check['min_cosine']:.5f} < {bar:.5f}; this runtime miscomputes the model"
+        return {**row, "status": "failed", "error": error, "memory": memory_since(before)}
 
     row["latency"] = []
     for size in batch:
@@ -144,8 +145,7 @@ def bench_file(
         times = _timed_runs(lambda: model.run(x), warmup, runs, min_seconds)
         row["latency"].append({"batch": size, **latency_stats(times, size)})
     # The model's own footprint: loaded and run, before eval.npz and the galleries are touched.
-    after = memory_mb()
-    row["memory"] = {**after, "rss_increase_mb": after["rss_mb"] - before["rss_mb"], "baseline_rss_mb": before["rss_mb"]}
+    row["memory"] = memory_since(before)
 
     row["accuracy"] = eval_accuracy(bundle, model)
 

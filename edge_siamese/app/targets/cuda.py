@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from device_bench.bench import GOLDEN_SLACK, eval_accuracy, latency_stats, memory_mb
+from device_bench.bench import GOLDEN_SLACK, eval_accuracy, latency_stats, memory_mb, memory_since
 from device_bench.document import result_document
 from device_bench.formats import PRECISIONS
 from device_bench.manifest import Bundle, read_bundle
@@ -81,8 +81,7 @@ def _row(bundle: Bundle, row: dict, runner, required_min_cosine: float, settings
     for batch in settings.batches:
         fn, extra = callable_at(np.ascontiguousarray(np.resize(golden["inputs"], (batch, *golden["inputs"].shape[1:]))))
         row["latency"].append({"batch": batch, **latency_stats(timer(fn, settings.warmup, settings.runs), batch), **extra()})
-    after = memory_mb()
-    row["memory"] = {**after, "rss_increase_mb": after["rss_mb"] - before["rss_mb"], "baseline_rss_mb": before["rss_mb"]}
+    row["memory"] = memory_since(before)
     row["accuracy"] = eval_accuracy(bundle, runner)
     row["memory"]["peak_rss_with_eval_and_gallery_mb"] = memory_mb()["peak_rss_mb"]
     return {**row, "gallery": [], "status": "verified"}
