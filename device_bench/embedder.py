@@ -12,6 +12,7 @@ from .files import atomic_path
 from .formats import FORMATS
 from .manifest import Bundle, BundleError, read_bundle
 from .metrics import pairwise_distances, rowwise_distances
+from .preprocessing import read_image
 from .runtimes import open_runtime
 
 class Embedder:
@@ -48,9 +49,14 @@ class Embedder:
         reason = errors[-1] if errors else f"no verified file runs with {runtime}"
         raise BundleError(f"no verified model file of the bundle can run here: {reason}")
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        """Raw images (N, H, W[, C]) -> (N, dim) float32 embeddings."""
+    def embed(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """Raw images, an (N, H, W[, C]) array or a list of arrays of any sizes -> (N, dim) float32
+        embeddings; an image of another size is resized as in training."""
         return self.runtime.run(self.preprocessing(images))
+
+    def embed_files(self, paths: list[str | Path]) -> np.ndarray:
+        """Image files (JPEG, PNG, WebP, ...) -> (N, dim) embeddings, each decoded as in training."""
+        return self.embed([read_image(p, self.preprocessing.channels) for p in paths])
 
     def distance(self, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
         """Row-wise distance between two (N, dim) sets of embeddings, with the manifest's distance."""
@@ -62,7 +68,7 @@ class Embedder:
         key = f"far_{far}"
         if key not in thresholds:
             raise BundleError(f"no threshold for FAR {far}: use one of {', '.join(k[4:] for k in thresholds if k.startswith('far_'))}")
-        emb = self.embed(np.stack([np.asarray(image1), np.asarray(image2)]))
+        emb = self.embed([np.asarray(image1), np.asarray(image2)])
         d = float(self.distance(emb[:1], emb[1:])[0])
         return d < thresholds[key], d
 

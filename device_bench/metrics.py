@@ -5,8 +5,16 @@
 ``reference = query``; its definitions of ``precision_at_1``, ``r_precision`` and
 ``mean_average_precision_at_r`` are followed exactly. Distances are "smaller is more similar";
 ``shadow`` is anchor-relative (row = query). As in pml, a query alone in its class is left out
-of the three rank metrics. Work is done in row chunks, so memory stays
-``O(chunk x N)`` whatever N is.
+of the three rank metrics.
+
+Memory is bounded whatever N and the number of classes: everything that compares each sample with
+all N (the rank metrics, ``silhouette``, ``embedding_agreement``'s nearest neighbours) runs over
+chunks of query rows, ``max(1, min(512, 2**24 // N))`` rows each, so that one chunk's
+``(rows, N)`` float64 distance matrix holds at most ``2**24`` elements (128 MB) once N <= 2**24.
+A chunk's other arrays (the distance's temporaries, argpartition's int64 indices, the ranked
+neighbours) are that size or smaller, at most about five of them are alive at once (the tests hold
+it under six), and only ``(N,)`` values per query outlive the chunk: the peak is about 5 x 128 MB
+plus the embeddings, whatever the class sizes.
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 _EPS = 1e-12
-_CHUNK = 512
+# One chunk's (rows, N) distance matrix: at most this many elements (the module docstring's bound),
+# and at most this many rows, as larger chunks only run slower (cache misses; measured at N = 100,000).
+_CHUNK_ELEMENTS = 2**24
+_CHUNK_MAX_ROWS = 512
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -88,46 +99,70 @@ def pairwise_distances(
     return _distance(distance).matrix(np.asarray(queries, dtype=np.float64), np.asarray(refs, dtype=np.float64), weights)
 
 
-def _ranked_neighbour_labels(emb, labels, distance, weights, depth):
-    """Labels of each sample's ``depth`` nearest other samples, nearest first ``(N, depth)``."""
+def _each_chunk(emb, distance, weights, leave_one_out: bool, visit: Callable[[slice, np.ndarray], None]) -> None:
+    """``visit(rows, d)`` for each chunk of query rows: ``rows`` a slice of ``emb``, ``d`` its
+    ``(rows, N)`` distances to every row of ``emb`` (to itself ``inf`` when ``leave_one_out``).
+
+    A callback, not a generator: a loop over a generator holds the last chunk's matrix (and what
+    was derived from it) while the next one is built. The module docstring gives the chunk's size.
+    """
     n = len(emb)
-    out = np.empty((n, depth), dtype=labels.dtype)
-    for start in range(0, n, _CHUNK):
-        stop = min(start + _CHUNK, n)
-        d = pairwise_distances(emb[start:stop], emb, distance, weights)
-        d[np.arange(stop - start), np.arange(start, stop)] = np.inf  # leave the query out
-        part = np.argpartition(d, depth - 1, axis=1)[:, :depth] if depth < n else np.argsort(d, axis=1)[:, :depth]
-        order = np.take_along_axis(d, part, axis=1).argsort(axis=1, kind="stable")
-        out[start:stop] = labels[np.take_along_axis(part, order, axis=1)]
-    return out
+    step = max(1, min(_CHUNK_MAX_ROWS, _CHUNK_ELEMENTS // n))
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        d = pairwise_distances(emb[rows], emb, distance, weights)
+        if leave_one_out:
+            d[np.arange(len(d)), np.arange(rows.start, rows.stop)] = np.inf
+        visit(rows, d)
+        del d  # freed now, not when the next chunk's matrix replaces it
+
+
+def _knn_predictions(neighbours: np.ndarray, num_classes: int) -> np.ndarray:
+    """The majority class of each row of ``neighbours`` (class indices, nearest first); ties go
+    to the tied class met first among the neighbours. Votes are counted over (row, class) keys,
+    not in a ``(rows, num_classes)`` table, which with many classes would be the largest array."""
+    rows, k = neighbours.shape
+    key = (np.arange(rows)[:, None] * num_classes + neighbours).ravel()  # (row, class) as one number
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    votes = counts[inverse].reshape(rows, k)  # votes for each neighbour's class in its row
+    first_tied = (votes == votes.max(1, keepdims=True)).argmax(1)
+    return neighbours[np.arange(rows), first_tied]
 
 
 def _rank_metrics(emb, labels, distance, weights, knn_k):
-    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    r = counts[inverse] - 1  # same-class references of each query
-    depth = int(min(max(r.max(), knn_k, 1), len(emb) - 1))
-    neigh = _ranked_neighbour_labels(emb, labels, distance, weights, depth)
-    hits = neigh == labels[:, None]
-    ranks = np.arange(1, depth + 1)
-    within_r = ranks[None, :] <= r[:, None]
-    has_r = r > 0
-    r_safe = np.maximum(r, 1)
-    r_precision = (hits & within_r).sum(1) / r_safe
-    precision_at_k = np.cumsum(hits, axis=1) / ranks[None, :]
-    map_at_r = (precision_at_k * (hits & within_r)).sum(1) / r_safe
+    """``precision_at_1``, ``r_precision``, ``mean_average_precision_at_r`` and ``knn_accuracy``.
 
+    Each chunk of queries ranks its ``depth`` nearest other samples (``depth`` = the largest class
+    size - 1, at least ``knn_k``) and keeps one value per query of each metric.
+    """
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    n = len(emb)
+    r = counts[inverse] - 1  # same-class references of each query
+    depth = int(min(max(r.max(), knn_k, 1), n - 1))
     k = min(knn_k, depth)
-    votes = np.zeros((len(emb), len(classes)), dtype=np.int64)
-    neigh_idx = np.searchsorted(classes, neigh[:, :k])
-    np.add.at(votes, (np.arange(len(emb))[:, None], neigh_idx), 1)
-    # Ties go to the tied label met first among the neighbours.
-    tied = votes[np.arange(len(emb))[:, None], neigh_idx] == votes.max(1)[:, None]
-    predicted = neigh[np.arange(len(emb)), tied.argmax(1)]
+    ranks = np.arange(1, depth + 1)
+    first_hit, r_precision, map_at_r, knn_hit = np.empty(n, bool), np.empty(n), np.empty(n), np.empty(n, bool)
+
+    def rank_chunk(rows, d):
+        part = np.argpartition(d, depth - 1, axis=1)[:, :depth]
+        order = np.take_along_axis(d, part, axis=1).argsort(axis=1, kind="stable")
+        neighbours = inverse[np.take_along_axis(part, order, axis=1)]  # classes, nearest first
+        own = inverse[rows]
+        hits = neighbours == own[:, None]
+        hits_within_r = hits & (ranks[None, :] <= r[rows, None])
+        r_safe = np.maximum(r[rows], 1)
+        first_hit[rows] = hits[:, 0]
+        r_precision[rows] = hits_within_r.sum(1) / r_safe
+        map_at_r[rows] = (np.cumsum(hits, axis=1) / ranks[None, :] * hits_within_r).sum(1) / r_safe
+        knn_hit[rows] = _knn_predictions(neighbours[:, :k], len(classes)) == own
+
+    _each_chunk(emb, distance, weights, True, rank_chunk)
+    has_r = r > 0
     return {
-        "precision_at_1": float(hits[has_r, 0].mean()),
+        "precision_at_1": float(first_hit[has_r].mean()),
         "r_precision": float(r_precision[has_r].mean()),
         "mean_average_precision_at_r": float(map_at_r[has_r].mean()),
-        "knn_accuracy": float((predicted == labels).mean()),
+        "knn_accuracy": float(knn_hit.mean()),
     }
 
 
@@ -203,19 +238,20 @@ def silhouette(emb: np.ndarray, labels: np.ndarray, distance: str, weights=None)
     """Mean silhouette ``(b - a) / max(a, b)``; a sample alone in its class scores 0 (scikit-learn's rule)."""
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     scores = np.empty(len(emb))
-    for start in range(0, len(emb), _CHUNK):
-        stop = min(start + _CHUNK, len(emb))
-        d = pairwise_distances(emb[start:stop], emb, distance, weights)
-        sums = np.zeros((stop - start, len(classes)))
+
+    def score_chunk(rows, d):
+        sums = np.zeros((len(d), len(classes)))
         np.add.at(sums.T, inverse, d.T)
-        own = inverse[start:stop]
-        rows = np.arange(stop - start)
-        a = sums[rows, own] / np.maximum(counts[own] - 1, 1)
+        own = inverse[rows]
+        at = np.arange(len(d))
+        a = sums[at, own] / np.maximum(counts[own] - 1, 1)
         means = sums / counts[None, :]
-        means[rows, own] = np.inf
+        means[at, own] = np.inf
         b = means.min(1)
         s = (b - a) / np.maximum(np.maximum(a, b), _EPS)
-        scores[start:stop] = np.where(counts[own] > 1, s, 0.0)
+        scores[rows] = np.where(counts[own] > 1, s, 0.0)
+
+    _each_chunk(emb, distance, weights, False, score_chunk)
     return float(scores.mean())
 
 
@@ -270,6 +306,17 @@ def retrieval_metrics(
     return out
 
 
+def _nearest_other(emb, distance, weights) -> np.ndarray:
+    """Index of each row's nearest other row of ``emb`` (the first of equals), ``(N,)``."""
+    nearest = np.empty(len(emb), dtype=np.intp)
+
+    def nearest_in_chunk(rows, d):
+        nearest[rows] = d.argmin(1)
+
+    _each_chunk(emb, distance, weights, True, nearest_in_chunk)
+    return nearest
+
+
 def embedding_agreement(
     embeddings: np.ndarray,
     reference: np.ndarray,
@@ -291,12 +338,8 @@ def embedding_agreement(
         "min_cosine": float(cos.min()),
         "max_abs_diff": float(np.abs(emb - ref).max()),
     }
-    nearest = []
-    for x in (emb, ref):
-        d = pairwise_distances(x, x, distance, weights)
-        np.fill_diagonal(d, np.inf)
-        nearest.append(d.argmin(1))
-    out["top1_neighbour_agreement"] = float((nearest[0] == nearest[1]).mean())
+    same = _nearest_other(emb, distance, weights) == _nearest_other(ref, distance, weights)
+    out["top1_neighbour_agreement"] = float(same.mean())
     if labels is not None:
         labels = np.asarray(labels)
         out["precision_at_1"] = _rank_metrics(emb, labels, distance, weights, 1)["precision_at_1"]

@@ -5,14 +5,24 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from device_bench.preprocessing import RESIZE_MODES
+
+from .augment import AUGMENTS
 from .errors import UserError
 from .losses import LOSSES
 from .miners import MINERS
-from .models import BACKBONES, HEADS, MAX_DIM, MIN_DIM
+from .models import BACKBONES, HEADS, MAX_DIM, MIN_DIM, MIN_INPUT
 
 
 # The JSON types each annotation of TrainConfig accepts (an int is a float in JSON).
-JSON_TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "float": (int, float), "float | None": (int, float, type(None))}
+JSON_TYPES = {
+    "str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)), "bool": (bool,),
+    "float": (int, float), "float | None": (int, float, type(None)), "list[int] | None": (list, type(None)),
+}
+
+
+# Keys added after toolkit 0.1.0: a config.json without them gets their defaults, which are what it did.
+LATER_KEYS = ("input_size", "resize_mode", "augment", "skip_bad", "workers", "cache_mb")
 
 
 @dataclass
@@ -22,6 +32,12 @@ class TrainConfig:
     test_fraction: float | None = None  # None: 0.2 of each class, or 0.5 of the classes
     val_fraction: float = 0.1
     split_seed: int = 0  # fixed across training seeds, so that seeds share one split
+    input_size: list[int] | None = None  # [H, W]; None: the images' own size, when they all share one
+    resize_mode: str = "crop"  # a key of device_bench.preprocessing.RESIZE_MODES
+    augment: str = "none"  # a key of augment.AUGMENTS; training batches only
+    skip_bad: bool = False  # leave unreadable image files out (counted in index.json) instead of stopping
+    workers: int | None = None  # loader processes; None: loader.default_workers
+    cache_mb: float = 0  # decode a file set once into memory when it fits this many MB (0: never)
     backbone: str = "convnet"
     embedding_dim: int = 8
     head: str | None = None  # None: the head the loss is meant for
@@ -74,6 +90,18 @@ class TrainConfig:
             raise UserError(f"test_fraction {self.test_fraction} must lie between 0 and 1")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"val_fraction {self.val_fraction} must lie between 0 and 1")
+        if self.input_size is not None and not (
+            len(self.input_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= MIN_INPUT for v in self.input_size)
+        ):
+            raise UserError(f"--input-size {self.input_size} must be H or HxW, each at least {MIN_INPUT}, e.g. --input-size 112")
+        if self.resize_mode not in RESIZE_MODES:
+            raise UserError(f"unknown resize mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+        if self.augment not in AUGMENTS:
+            raise UserError(f"unknown augmentation {self.augment!r}: choose one of {', '.join(AUGMENTS)}")
+        if self.workers is not None and not 0 <= self.workers <= 64:
+            raise UserError(f"--workers {self.workers} is out of range: use 0 (load in this process) to 64")
+        if not (math.isfinite(self.cache_mb) and self.cache_mb >= 0):
+            raise UserError(f"--cache-mb {self.cache_mb} must be a number of MB >= 0 (0: no cache)")
         check_device(self.device)
         return self
 
@@ -89,13 +117,15 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
-        missing = sorted(f.name for f in fields(cls) if f.name not in d)
+        missing = sorted(f.name for f in fields(cls) if f.name not in d and f.name not in LATER_KEYS)
         if missing:
             raise ValueError(f"missing config keys {missing}")
         values = {}
         for f in fields(cls):
+            if f.name not in d:
+                continue  # a key added later: its default is what older runs did
             value = d[f.name]
-            if not isinstance(value, JSON_TYPES[f.type]) or isinstance(value, bool):
+            if not isinstance(value, JSON_TYPES[f.type]) or (isinstance(value, bool) and f.type != "bool"):
                 raise ValueError(f"{f.name} is {value!r}, not {f.type}")
             values[f.name] = float(value) if f.type.startswith("float") and value is not None else value
         return cls(**values)

@@ -7,35 +7,59 @@ in training. Nothing here downloads anything.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
+
+from device_bench.preprocessing import ImageError, read_image
 
 from .errors import UserError
+from .progress import progress_bar
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass
 class ImageSet:
-    """A labelled set of same-sized images, ``images`` ``(N, H, W, C)``, ``labels`` ``(N,)`` in 0..C-1."""
+    """A labelled set of images: held in memory (``images`` (N, H, W, C)) or read from files on
+    demand (``paths`` under ``root``, decoded by ``device_bench.preprocessing.read_image``).
 
-    images: np.ndarray
-    labels: np.ndarray
+    Paths are a numpy string array, not a list: worker processes then share its pages instead of
+    copying a Python object per file.
+    """
+
+    labels: np.ndarray  # (N,) in 0..C-1
     class_names: list[str]
     scale: float  # multiplies raw values into [0, 1]
+    channels: int
+    images: np.ndarray | None = None
+    root: Path | None = None
+    paths: np.ndarray | None = None
+    sizes: np.ndarray | None = None  # (N, 2) height and width of each file
+    skipped: list[str] = field(default_factory=list)  # "path: reason" for each file --skip-bad left out
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, i: int) -> np.ndarray:
+        """Image ``i`` as stored: (H, W, C), uint8 for files."""
+        if self.images is not None:
+            return self.images[i]
+        return read_image(self.root / str(self.paths[i]), self.channels)
 
     @property
-    def input_size(self) -> tuple[int, int]:
-        return int(self.images.shape[1]), int(self.images.shape[2])
-
-    @property
-    def channels(self) -> int:
-        return int(self.images.shape[3])
+    def common_size(self) -> tuple[int, int] | None:
+        """(H, W) when every image has it, else None."""
+        if self.images is not None:
+            return int(self.images.shape[1]), int(self.images.shape[2])
+        first = self.sizes[0]
+        return (int(first[0]), int(first[1])) if (self.sizes == first).all() else None
 
 
 MAX_PIXEL = 1e4  # scaled pixel values are meant to lie in [0, 1]; far beyond that they are not pixels
@@ -69,7 +93,7 @@ def load_digits_dataset() -> ImageSet:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return ImageSet(d.images[..., None].astype(np.uint8), d.target.astype(np.int64), [str(c) for c in range(10)], 1 / 16)
+    return ImageSet(d.target.astype(np.int64), [str(c) for c in range(10)], 1 / 16, 1, images=d.images[..., None].astype(np.uint8))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -92,7 +116,7 @@ def load_fashion_mnist(root: Path = FASHION_MNIST_DIR) -> ImageSet:
         raise UserError(f"Fashion-MNIST files in {root} are corrupt ({exc}): reinstall dataset-fashion-mnist") from None
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     images = np.concatenate([train_x, test_x])[..., None]
-    return ImageSet(images, np.concatenate([train_y, test_y]).astype(np.int64), names, 1 / 255)
+    return ImageSet(np.concatenate([train_y, test_y]).astype(np.int64), names, 1 / 255, 1, images=images)
 
 
 def _to_nhwc(images: np.ndarray, source: str) -> np.ndarray:
@@ -127,65 +151,154 @@ def load_npz(path: Path) -> ImageSet:
     _check_classes(labels, class_names, str(path))
     scale = 1 / 255 if images.dtype == np.uint8 else 1.0
     check_pixels(images, scale, str(path))
-    return ImageSet(images, labels.astype(np.int64), class_names, scale)
+    return ImageSet(labels.astype(np.int64), class_names, scale, int(images.shape[3]), images=images)
 
 
-def load_image_folder(root: Path) -> ImageSet:
-    """One sub-folder per class, all images of one size and one channel count (grey or RGB)."""
-    from PIL import Image, UnidentifiedImageError
+def _as_list(batch: list) -> list:
+    return batch
 
+
+class _Probe(TorchDataset):
+    """Each file decoded once: ``(height, width, channels)`` as stored, or why it cannot be read."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, int, int] | str:
+        try:
+            return read_image(self.files[i], None).shape
+        except ImageError as exc:
+            return str(exc)
+
+
+def _index_files(source: str, root: Path, relative: list[str], labels: list[str], skip_bad: bool, workers: int, progress: bool) -> ImageSet:
+    """Decode every file once (in ``workers`` processes): the readable ones with their sizes and
+    labels; an unreadable one is a UserError, or with ``skip_bad`` left out and counted."""
+    files = [root / r for r in relative]
+    loader = DataLoader(_Probe(files), batch_size=64, num_workers=workers, collate_fn=_as_list)
+    bar = progress_bar(len(files), f"indexing {source}", progress, unit="image")
+    results = []
+    for batch in loader:
+        for result in batch:
+            if isinstance(result, str) and not skip_bad:
+                bar.close()
+                raise UserError(f"{result}; or pass --skip-bad to leave unreadable images out")
+            results.append(result)
+        bar.update(len(batch))
+    bar.close()
+    good = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    skipped = [results[i] for i, r in enumerate(results) if isinstance(r, str)]
+    if not good:
+        raise UserError(f"{source} has no readable images: {skipped[0] if skipped else 'it is empty'}")
+    names, inverse = np.unique(np.asarray(labels)[good], return_inverse=True)
+    shapes = np.asarray([results[i] for i in good], dtype=np.int64)
+    image_set = ImageSet(
+        inverse.astype(np.int64), [str(n) for n in names], 1 / 255, 1 if (shapes[:, 2] == 1).all() else 3,
+        root=root, paths=np.asarray([relative[i] for i in good]), sizes=shapes[:, :2], skipped=skipped,
+    )
+    _check_classes(image_set.labels, image_set.class_names, source)
+    return image_set
+
+
+def _folder_files(root: Path) -> tuple[list[str], list[str]]:
+    """Every non-hidden file of each class sub-folder: (paths relative to ``root``, class names)."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise UserError(f"{root} has no class sub-folders: put each class's images in a folder of its own")
-    images, labels, first = [], [], None
-    for label, class_dir in enumerate(class_dirs):
-        for path in sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
-            try:
-                with Image.open(path) as im:
-                    im = im.convert("L" if im.mode in ("L", "LA", "1", "I", "I;16", "F") else "RGB")
-                    array = np.asarray(im, dtype=np.uint8)
-            except Image.DecompressionBombError:
-                raise UserError(f"{path} has more pixels than are safe to decode (a decompression bomb?): shrink it or remove it") from None
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # SyntaxError: Pillow's word for a broken PNG
-                raise UserError(f"{path} is not an image this tool can read (empty, truncated or not an image): remove it or convert it to PNG") from None
-            array = array[..., None] if array.ndim == 2 else array
-            if first is None:
-                first = (path, array.shape)
-            elif array.shape != first[1]:
-                raise UserError(
-                    f"mixed image sizes or channels: {path} is {_describe(array.shape)} but {first[0]} is "
-                    f"{_describe(first[1])}; convert them all to one size and mode first"
-                )
-            images.append(array)
-            labels.append(label)
-    class_names = [p.name for p in class_dirs]
-    labels_arr = np.asarray(labels, dtype=np.int64)
-    _check_classes(labels_arr, class_names, str(root))
-    return ImageSet(np.stack(images), labels_arr, class_names, 1 / 255)
+    relative, labels = [], []
+    for class_dir in class_dirs:
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        if len(files) < 2:
+            raise UserError(f"class {class_dir.name!r} of {root} has {len(files)} image(s): each class needs at least 2 (add images or remove the folder)")
+        relative += [f"{class_dir.name}/{p.name}" for p in files]
+        labels += [class_dir.name] * len(files)
+    return relative, labels
 
 
-def _describe(shape: tuple[int, ...]) -> str:
-    return f"{shape[1]}x{shape[0]} {'grey' if shape[2] == 1 else 'RGB'}"
+def read_list(path: Path, header: tuple[str, ...]) -> list[list[str]]:
+    """The rows of a CSV or TSV list (tab-separated when its first line has a tab), each with
+    ``len(header)`` fields; a first row equal to ``header`` is skipped. Paths in it are relative
+    to the list's folder, and each must exist."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file: write the list as UTF-8 CSV ({','.join(header)})") from None
+    lines = text.splitlines()
+    delimiter = "\t" if lines and "\t" in lines[0] else ","
+    rows = [(n, [f.strip() for f in row]) for n, row in enumerate(csv.reader(lines, delimiter=delimiter), 1) if row and any(row)]
+    if rows and [f.lower() for f in rows[0][1]] == list(header):
+        rows = rows[1:]
+    if not rows:
+        raise UserError(f"{path} lists nothing: write one '{','.join(header)}' row per line")
+    out = []
+    for n, row in rows:
+        if len(row) != len(header):
+            raise UserError(f"{path}:{n} has {len(row)} field(s) where {len(header)} ({','.join(header)}) are expected: fix that line")
+        for name, value in zip(header, row):
+            if name.startswith("path") and not (path.parent / value).is_file():
+                raise UserError(f"{path}:{n}: {value} does not exist (paths are relative to {path.parent}): fix the list or move the file")
+        out.append(row)
+    return out
+
+
+def _list_files(path: Path) -> tuple[list[str], list[str]]:
+    rows = read_list(path, ("path", "label"))
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+LISTS = (".csv", ".tsv", ".txt")
+INDEX = "index.json"  # the file index a run keeps, so that its images are not scanned again
+
+
+def load_files(name: str, skip_bad: bool = False, workers: int = 0, progress: bool = False) -> ImageSet:
+    """An image folder (one sub-folder per class) or a CSV/TSV list (``path,label``), indexed."""
+    path = Path(name)
+    root, (relative, labels) = (path, _folder_files(path)) if path.is_dir() else (path.parent, _list_files(path))
+    return _index_files(name, root, relative, labels, skip_bad, workers, progress)
+
+
+def index_dict(images: ImageSet) -> dict:
+    """A file set's index, as the run folder's ``index.json`` keeps it (paths relative to its root)."""
+    return {
+        "channels": images.channels,
+        "class_names": images.class_names,
+        "paths": images.paths.tolist(),
+        "labels": images.labels.tolist(),
+        "sizes": images.sizes.tolist(),
+        "skipped": images.skipped,
+    }
+
+
+def from_index(name: str, index: dict) -> ImageSet:
+    """The file set ``index_dict`` describes, its files under ``name`` (a folder, or a list's folder)."""
+    path = Path(name)
+    root = path if path.is_dir() or not path.suffix else path.parent
+    labels = np.asarray(index["labels"], dtype=np.int64)
+    return ImageSet(labels, list(index["class_names"]), 1 / 255, int(index["channels"]), root=root,
+                    paths=np.asarray(index["paths"]), sizes=np.asarray(index["sizes"], dtype=np.int64).reshape(-1, 2), skipped=list(index["skipped"]))
 
 
 DATASETS = ("digits", "fashion-mnist")
 
 
-def load_dataset(name: str) -> ImageSet:
-    """``digits``, ``fashion-mnist``, an image folder or an ``.npz`` file."""
+def load_dataset(name: str, skip_bad: bool = False, workers: int = 0, progress: bool = False) -> ImageSet:
+    """``digits``, ``fashion-mnist``, an ``.npz`` file, an image folder or a CSV/TSV list of images."""
     if name == "digits":
         return load_digits_dataset()
     if name == "fashion-mnist":
         return load_fashion_mnist()
     path = Path(name)
-    if path.is_dir():
-        return load_image_folder(path)
     if path.suffix == ".npz" and path.is_file():
         return load_npz(path)
+    if path.is_dir() or (path.suffix in LISTS and path.is_file()):
+        return load_files(name, skip_bad, workers, progress)
     raise UserError(
-        f"unknown dataset {name!r}: use {' or '.join(DATASETS)}, an image folder (one sub-folder per class) or an .npz file"
+        f"unknown dataset {name!r}: use {' or '.join(DATASETS)}, an image folder (one sub-folder per class), "
+        f"a CSV/TSV list (path,label) or an .npz file"
     )
-
 
 SPLITS = ("samples", "classes")
 

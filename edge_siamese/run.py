@@ -1,18 +1,24 @@
-"""The run's data: a config's dataset loaded, split and preprocessed, as training, evaluation and
-export all see it."""
+"""The run's data: a config's dataset loaded (or its file index read), split, and preprocessed as
+training, evaluation and export all see it, in batches that are decoded on demand."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from device_bench.preprocessing import Preprocessing
 
+from . import loader
 from .config import TrainConfig
-from .data import ImageSet, load_dataset, split_dataset
+from .data import INDEX, ImageSet, PKSampler, from_index, index_dict, load_dataset, split_dataset
 from .errors import UserError
+
+STATS_SAMPLES = 2048  # training images the per-channel mean and std are measured on
 
 
 @dataclass
@@ -22,22 +28,54 @@ class PreparedData:
     dataset: ImageSet
     splits: dict[str, np.ndarray]
     preprocessing: Preprocessing
+    workers: int
+    index: dict | None  # a file set's index (what the run folder keeps as index.json); None for arrays
+
+    def rows(self, split: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return self.splits[split][rows]
 
     def images(self, split: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """Raw images of ``split`` (``rows`` of it), as the dataset holds them."""
-        return self.dataset.images[self.splits[split][rows]]
+        """Raw images of ``split`` (``rows`` of it) at the input size, (n, H, W, C), dtype as stored."""
+        return np.stack([self.preprocessing.resized(self.dataset.read(i)) for i in self.rows(split, rows)])
 
     def inputs(self, split: str, rows: np.ndarray | slice = slice(None)) -> torch.Tensor:
-        """The model's input for ``split`` (``rows`` of it): only those images are preprocessed."""
+        """The model's input for a few images of ``split`` (``rows`` of it), in memory at once."""
         return torch.from_numpy(self.preprocessing(self.images(split, rows)))
 
     def labels(self, split: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
-        return self.dataset.labels[self.splits[split][rows]]
+        return self.dataset.labels[self.rows(split, rows)]
+
+    def batches(self, split: str, batch_size: int = 256) -> DataLoader:
+        """``(inputs, labels)`` of the whole of ``split`` in order, a batch at a time."""
+        return loader.batches(self.dataset, self.rows(split), self.preprocessing, self.workers, batch_size)
+
+    def train_loader(self, sampler: PKSampler, augment: str) -> DataLoader:
+        return loader.train_loader(self.dataset, self.rows("train"), self.preprocessing, sampler, augment, self.workers)
 
 
-def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None) -> PreparedData:
-    """Load and split the dataset; fit the preprocessing on the training split unless one is given."""
-    dataset = load_dataset(config.dataset)
+def read_index(run_dir: Path) -> dict | None:
+    """The file index a run keeps (``index.json``), or None when its dataset is not a file set."""
+    path = Path(run_dir) / INDEX
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path} is corrupt ({exc}): train the run again") from None
+
+
+def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None, index: dict | None = None, progress: bool = False) -> PreparedData:
+    """Load (or, with a run's ``index``, re-open) and split the dataset; measure the preprocessing
+    on training images unless one is given."""
+    file_workers = config.workers if config.workers is not None else loader.default_workers(in_memory=False)
+    if index is not None:
+        dataset = from_index(config.dataset, index)
+    else:
+        dataset = load_dataset(config.dataset, config.skip_bad, file_workers, progress)
+    in_memory = dataset.images is not None
+    if preprocessing is not None and not in_memory:
+        dataset.channels = preprocessing.channels  # files are decoded straight into the model's channels
+    workers = config.workers if config.workers is not None else loader.default_workers(in_memory)
     splits = split_dataset(dataset.labels, config.split, config.test_fraction, config.val_fraction, config.split_seed)
     for name in ("train", "val", "test"):
         _, counts = np.unique(dataset.labels[splits[name]], return_counts=True)
@@ -47,10 +85,23 @@ def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None
                 "retrieval (it needs 2 classes, one with 2 images): use a larger dataset or other fractions"
             )
     if preprocessing is None:
-        preprocessing = Preprocessing.fit(dataset.images[splits["train"]], dataset.scale)
-    elif (preprocessing.resize, preprocessing.channels) != (dataset.input_size, dataset.channels):
-        raise UserError(
-            f"{config.dataset} now holds {dataset.input_size} images with {dataset.channels} channel(s), "
-            f"but the run was trained on {preprocessing.resize} with {preprocessing.channels}"
-        )
-    return PreparedData(dataset, splits, preprocessing)
+        preprocessing = _measure(config, dataset, splits["train"], workers)
+    index = index_dict(dataset) if dataset.images is None else None
+    dataset = loader.cache(dataset, preprocessing, config.cache_mb, workers, progress)
+    return PreparedData(dataset, splits, preprocessing, workers, index)
+
+
+def _measure(config: TrainConfig, dataset: ImageSet, train_rows: np.ndarray, workers: int) -> Preprocessing:
+    """The preprocessing of a new run: its input size and resize mode, and the per-channel mean
+    and std of (at most ``STATS_SAMPLES``) training images at that size."""
+    size = tuple(config.input_size) if config.input_size else dataset.common_size
+    if size is None:
+        (h1, w1), (h2, w2) = dataset.sizes[0], dataset.sizes[np.flatnonzero((dataset.sizes != dataset.sizes[0]).any(axis=1))[0]]
+        raise UserError(f"the images of {config.dataset} have several sizes (e.g. {h1}x{w1} and {h2}x{w2}, HxW): pass --input-size H[xW], e.g. --input-size 112")
+    channels = dataset.channels
+    sample = train_rows
+    if len(sample) > STATS_SAMPLES:
+        sample = np.sort(np.random.default_rng(config.split_seed).choice(train_rows, STATS_SAMPLES, replace=False))
+    unmeasured = Preprocessing(size, channels, dataset.scale, (0.0,) * channels, (1.0,) * channels, config.resize_mode)
+    images = np.concatenate([raw.numpy() for raw, _ in loader.batches(dataset, sample, unmeasured, workers, normalise=False)])
+    return Preprocessing.fit(images, dataset.scale, config.resize_mode)

@@ -21,14 +21,14 @@ from device_bench.files import write_json
 from . import __version__
 from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
 from .config import TrainConfig
-from .data import PKSampler
+from .data import INDEX, PKSampler
 from .errors import UserError
 from .evaluate import resolve_device, validation_metrics
 from .files import check_replaceable
 from .miners import create_miner
 from .plots import plot_training_curves
 from .progress import progress_bar
-from .run import prepare_data
+from .run import prepare_data, read_index
 
 
 def peak_memory_mb(device: torch.device) -> dict:
@@ -71,14 +71,14 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
         config, preprocessing = read_config(out)
         if (out / METRICS).exists():
             raise UserError(f"{out} has finished training: nothing to resume")
-        state = load_checkpoint(out / CHECKPOINT)
+        state, index = load_checkpoint(out / CHECKPOINT), read_index(out)
     else:
         check_replaceable(out, CONFIG, force, ", or --resume to continue it")
-        preprocessing, state = None, None
+        preprocessing, state, index = None, None, None
     config.validate()
     device = resolve_device(config.device)
     reset_peak_rss()  # peak_rss_mb is this training's, not an earlier one's in the same process
-    data = prepare_data(config, preprocessing)
+    data = prepare_data(config, preprocessing, index, progress)
 
     torch.manual_seed(config.seed)
     model, loss_fn = build(config, data.preprocessing)
@@ -87,13 +87,11 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     optimizer = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
 
-    x_train = data.inputs("train").to(device)
-    y_train_np = data.labels("train")
-    y_train = torch.from_numpy(y_train_np).to(device)
-    x_val, y_val = data.inputs("val"), data.labels("val")
+    train_labels = data.labels("train")
     classes_per_batch = max(2, config.batch_size // config.samples_per_class)
-    num_batches = max(1, len(y_train_np) // config.batch_size)
-    sampler = PKSampler(y_train_np, classes_per_batch, config.samples_per_class, num_batches, seed=config.seed)
+    num_batches = max(1, len(train_labels) // config.batch_size)
+    sampler = PKSampler(train_labels, classes_per_batch, config.samples_per_class, num_batches, seed=config.seed)
+    batches = data.train_loader(sampler, config.augment)
 
     history: list[dict] = []
     start_epoch, elapsed = 0, 0.0
@@ -112,18 +110,19 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
             shutil.rmtree(out)
         out.mkdir(parents=True)
         write_json(out / CONFIG, {"toolkit_version": __version__, "train": config.to_dict(), "preprocessing": data.preprocessing.to_dict()})
+        if data.index is not None:
+            write_json(out / INDEX, data.index)
 
     with _left_only_if_resumable(out, fresh=state is None):
         bar = progress_bar(total=(config.epochs - start_epoch) * num_batches, desc=f"{config.loss} d={config.embedding_dim}", enabled=progress, unit="batch")
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             model.train()
-            sampler.set_epoch(epoch)
+            batches.batch_sampler.set_epoch(epoch)
             losses = []
-            for step, batch in enumerate(sampler):
-                idx = torch.as_tensor(batch, device=device)
-                embeddings = model(x_train[idx])
-                labels = y_train[idx]
+            for step, (inputs, labels) in enumerate(batches):
+                embeddings = model(inputs.to(device))
+                labels = labels.to(device)
                 indices_tuple = miner(embeddings, labels) if miner is not None else None
                 loss = loss_fn(embeddings, labels, indices_tuple=indices_tuple)
                 if not torch.isfinite(loss):
@@ -139,7 +138,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
             if broken := _not_finite(model, loss_fn):  # a checkpoint is good only when every number in it is finite
                 bar.close()
                 raise _stopped(f"{broken[0]} became NaN or inf at epoch {epoch + 1}", epoch, out, config)
-            val = validation_metrics(model, loss_fn, x_val, y_val, episodes=200)
+            val = validation_metrics(model, loss_fn, data, "val", episodes=200)
             elapsed += time.perf_counter() - started
             history.append(
                 {
@@ -164,13 +163,14 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
             )
         bar.close()
 
-        final = validation_metrics(model, loss_fn, x_val, y_val)
+        final = validation_metrics(model, loss_fn, data, "val")
         metrics = {
             "final": {f"val_{k}": v for k, v in final.items()},
             "history": history,
             "epochs": config.epochs,
             "train_time_s": elapsed,
             "device": str(device),
+            "skipped_images": len(data.index["skipped"]) if data.index else 0,
             **peak_memory_mb(device),
         }
         save_weights(out / WEIGHTS, model, loss_fn)

@@ -33,7 +33,7 @@ from edge_siamese.evaluate import validation_metrics
 from edge_siamese.files import check_replaceable
 from edge_siamese.models import HEADS, embed
 from edge_siamese.progress import progress_bar
-from edge_siamese.run import prepare_data
+from edge_siamese.run import prepare_data, read_index
 
 from . import bundle
 from . import onnx as onnx_export
@@ -140,7 +140,7 @@ def export_run(
     run = load_run(run_dir)
     config = replace(run.config, dataset=calib_data) if calib_data else run.config
     try:
-        data = prepare_data(config, run.preprocessing)
+        data = prepare_data(config, run.preprocessing, read_index(run_dir))
     except UserError as exc:
         raise UserError(f"{exc} (the run's data is needed for calibration and checks: point --calib-data at it)") from None
     train_idx = data.splits["train"]
@@ -149,7 +149,8 @@ def export_run(
     rng = np.random.default_rng(0)  # only the chosen images are preprocessed, not whole splits
     calibration = data.inputs("train", np.sort(rng.choice(len(train_idx), calib_samples, replace=False))).numpy()
     held_out = slice(0, FIDELITY_SAMPLES)
-    test_x, test_y = data.inputs("test", held_out), data.labels("test", held_out)
+    raw = data.images("test", held_out)  # at the input size, as eval.npz and golden.npz keep them
+    test_x, test_y = torch.from_numpy(data.preprocessing(raw)), data.labels("test", held_out)
 
     distance, weights = run.loss.distance.name, run.loss.distance.weights_array()
     reference = embed(run.model, test_x).numpy()
@@ -158,7 +159,7 @@ def export_run(
     except ValueError as exc:
         raise UserError(f"{exc}: the model's weights are not finite; train it again with a lower --lr") from None
     final = _final_metrics(run, data)
-    check_free_space(out, run.model, len(formats) * len(precisions), data.images("test", held_out).nbytes)
+    check_free_space(out, run.model, len(formats) * len(precisions), raw.nbytes)
 
     manifest = _manifest(run, final)
     metadata = {
@@ -209,7 +210,6 @@ def export_run(
         if not manifest["files"]:
             shutil.rmtree(tmp)
             return rows, None
-        raw = data.images("test", held_out)
         manifest["eval"] = bundle.write_arrays(tmp, "eval.npz", images=raw, labels=test_y)
         manifest["golden"] = bundle.write_arrays(
             tmp,
@@ -227,7 +227,7 @@ def _final_metrics(run, data) -> dict:
     """Training's final validation metrics (thresholds included), or computed when metrics.json is gone."""
     path = run.path / METRICS
     if not path.exists():
-        return {f"val_{k}": v for k, v in validation_metrics(run.model, run.loss, data.inputs("val"), data.labels("val")).items()}
+        return {f"val_{k}": v for k, v in validation_metrics(run.model, run.loss, data, "val").items()}
     try:
         final = json.loads(path.read_text())["final"]
         for key in ("val_threshold_at_far_1e-2", "val_threshold_at_far_1e-3", "val_num_samples"):

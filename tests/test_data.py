@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,6 +12,8 @@ from PIL import Image
 from edge_siamese.data import (
     FASHION_MNIST_DIR,
     PKSampler,
+    from_index,
+    index_dict,
     load_dataset,
     load_fashion_mnist,
     load_npz,
@@ -63,16 +68,57 @@ def test_bad_npz_files(tmp_path, arrays, fragment):
     assert fragment in str(err.value)
 
 
-def test_image_folder_rgb(tmp_path):
+def photo_folder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    """Class folders of JPEG and PNG files of mixed sizes and modes (RGB, grey, RGBA, palette)."""
     rng = np.random.default_rng(1)
-    for name in ("left", "right"):
-        (tmp_path / name).mkdir()
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
-    (tmp_path / "left" / ".DS_Store").write_bytes(b"\0")
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            h, w = rng.integers(12, 40, 2)
+            image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            mode, suffix = [("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png")][i % 4]
+            image.convert(mode).save(root / f"class{c}" / f"{i}.{suffix}")
+    return root
+
+
+def test_image_folder_of_mixed_sizes_is_indexed_not_loaded(tmp_path):
+    root = photo_folder(tmp_path / "photos")
+    (root / "class0" / ".DS_Store").write_bytes(b"\0")
+    ds = load_dataset(str(root))
+    assert ds.images is None and len(ds) == 12 and ds.channels == 3 and ds.common_size is None
+    assert ds.class_names == ["class0", "class1", "class2"] and ds.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert ds.paths[0] == "class0/0.jpg" and ds.read(1).shape == (*ds.sizes[1], 3)
+    again = from_index(str(root), json.loads(json.dumps(index_dict(ds))))  # as index.json keeps it
+    assert np.array_equal(again.read(5), ds.read(5)) and again.class_names == ds.class_names
+
+
+def test_a_list_file_names_images_relative_to_itself(tmp_path):
+    root = photo_folder(tmp_path / "photos")
+    rows = [f"photos/class{c}/{i}.{'jpg' if i % 4 == 0 else 'png'},label{c}" for c in range(3) for i in range(4)]
+    for name, sep, header in (("list.csv", ",", "path,label"), ("list.tsv", "\t", "path\tlabel")):
+        (tmp_path / name).write_text("\n".join([header] + [r.replace(",", sep) for r in rows]) + "\n")
+        ds = load_dataset(str(tmp_path / name))
+        assert ds.class_names == ["label0", "label1", "label2"] and len(ds) == 12
+        assert np.array_equal(ds.read(0), load_dataset(str(root)).read(0))
+
+
+def test_all_grey_files_make_a_grey_dataset(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((9, 11), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
     ds = load_dataset(str(tmp_path))
-    assert ds.images.shape == (6, 9, 11, 3) and ds.class_names == ["left", "right"]
-    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ds.channels == 1 and ds.common_size == (9, 11) and ds.read(1).shape == (9, 11, 1)
+
+
+def test_skip_bad_leaves_unreadable_files_out_and_counts_them(tmp_path):
+    root = photo_folder(tmp_path / "photos", per_class=3)
+    (root / "class1" / "empty.jpg").write_bytes(b"")
+    (root / "class2" / "truncated.png").write_bytes((root / "class2" / "1.png").read_bytes()[:60])
+    with pytest.raises(UserError, match=r"empty\.jpg is not an image.*--skip-bad"):
+        load_dataset(str(root))
+    ds = load_dataset(str(root), skip_bad=True)
+    assert len(ds) == 9 and len(ds.skipped) == 2 and all("is not an image" in s for s in ds.skipped)
 
 
 @pytest.mark.parametrize("split", ["samples", "classes"])

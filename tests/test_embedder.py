@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from device_bench.embedder import Embedder, Gallery
 from device_bench.manifest import BundleError, read_bundle
@@ -79,15 +80,24 @@ def test_rgb_images_given_to_a_grey_model_are_converted_to_luma(embedder, bundle
 @pytest.mark.parametrize(
     "shape, message",
     [
-        ((2, 10, 10), "images are 10x10 but the model takes 8x8: resize them first"),
-        ((2, 8, 8, 2), "images have 2 channel(s) but the model takes 1"),
-        ((2, 8, 8, 4), "images have 4 channel(s) but the model takes 1"),
+        ((2, 8, 8, 2), "an image must be (H, W), (H, W, 1) or (H, W, 3), got shape (8, 8, 2)"),
+        ((2, 8, 8, 4), "an image must be (H, W), (H, W, 1) or (H, W, 3), got shape (8, 8, 4)"),
         ((2, 64), "images must be (N, H, W) or (N, H, W, C), got shape (2, 64)"),
     ],
 )
 def test_images_of_the_wrong_size_or_channels_raise_a_clear_bundle_error(embedder, shape, message):
     with pytest.raises(BundleError, match=re.escape(message)):
         embedder.embed(np.zeros(shape, np.float32))
+
+
+def test_files_and_images_of_other_sizes_are_resized_as_in_training(embedder, tmp_path):
+    images = embedder.bundle.golden()["images"][:2]
+    big = [np.asarray(Image.fromarray(x[..., 0]).resize((24, 16), Image.Resampling.NEAREST))[..., None] for x in images.astype(np.uint8)]
+    for i, x in enumerate(big):
+        Image.fromarray(x[..., 0]).save(tmp_path / f"{i}.png")
+    expected = embedder.embed(np.stack([embedder.preprocessing.resized(x) for x in big]))
+    np.testing.assert_allclose(embedder.embed(big), expected, atol=1e-6)
+    np.testing.assert_allclose(embedder.embed_files([tmp_path / "0.png", tmp_path / "1.png"]), expected, atol=1e-6)
 
 
 def test_file_picks_that_file_and_an_unknown_file_is_refused(bundle):

@@ -9,8 +9,10 @@ import click
 
 from device_bench.errors import describe_os_error
 from device_bench.manifest import BundleError
+from device_bench.preprocessing import RESIZE_MODES
 from export.job import CALIB_SAMPLES
 
+from ..augment import AUGMENTS
 from ..config import TrainConfig
 from ..data import SPLITS
 from ..errors import UserError
@@ -38,7 +40,13 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--dataset", default=TRAIN.dataset, show_default=True, help="digits, fashion-mnist, an image folder or an .npz file.")
+@click.option("--dataset", default=TRAIN.dataset, show_default=True, help="digits, fashion-mnist, an image folder (one sub-folder per class), a CSV/TSV list (path,label) or an .npz file.")
+@click.option("--input-size", default=None, help="Model input H[xW], e.g. 112 or 112x96  [default: the images' size, when they all share one]")
+@click.option("--resize-mode", type=click.Choice(list(RESIZE_MODES)), default=TRAIN.resize_mode, show_default=True, help="crop: shorter side to the input size, centre cropped; stretch: plain resize.")
+@click.option("--augment", type=click.Choice(list(AUGMENTS)), default=TRAIN.augment, show_default=True, help="Training batches only: light = random crop + flip; standard = + colour jitter.")
+@click.option("--workers", type=int, default=TRAIN.workers, help="Loader processes  [default: 0 for in-memory data, else cores - 1, at most 8]")
+@click.option("--cache-mb", type=float, default=TRAIN.cache_mb, show_default=True, help="Decode an image folder once into memory when it fits this many MB (0: stream from disk).")
+@click.option("--skip-bad", is_flag=True, default=TRAIN.skip_bad, help="Leave unreadable image files out (counted) instead of stopping.")
 @click.option("--loss", "loss_name", type=click.Choice(list(LOSSES)), default=TRAIN.loss, show_default=True)
 @click.option("--dim", "embedding_dim", type=int, default=TRAIN.embedding_dim, show_default=True, help="Embedding dimension (2 to 1024).")
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default=TRAIN.backbone, show_default=True)
@@ -56,7 +64,7 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its config.json decides).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(loss_name, embedding_dim, out, force, resume, quiet, **options) -> None:
+def train(loss_name, embedding_dim, input_size, out, force, resume, quiet, **options) -> None:
     """Train an embedding model and write weights, config, metrics and curves to --out."""
     from ..train import train as run_training
 
@@ -64,38 +72,51 @@ def train(loss_name, embedding_dim, out, force, resume, quiet, **options) -> Non
         if out is None:
             raise UserError("--resume needs --out RUN, the folder of the run to continue")
         ctx = click.get_current_context()
-        given = [p.opts[0] for p in ctx.command.params if p.name in ("loss_name", "embedding_dim", *options)
+        given = [p.opts[0] for p in ctx.command.params if p.name in ("loss_name", "embedding_dim", "input_size", *options)
                  and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
         if given:
             raise UserError(f"--resume continues with the settings in {out}/config.json: drop {', '.join(given)}")
-    config = TrainConfig(loss=loss_name, embedding_dim=embedding_dim, **options)
+    config = TrainConfig(loss=loss_name, embedding_dim=embedding_dim, input_size=input_size and parse_size(input_size), **options)
     out = out or Path("runs") / f"{loss_name}-d{embedding_dim}"
     metrics = run_training(config, out, resume=resume, force=force, progress=not quiet)
     final = metrics["final"]
+    skipped = f"; {metrics['skipped_images']} unreadable image(s) left out (listed in {out}/index.json)" if metrics["skipped_images"] else ""
     click.echo(
         f"{out}: val precision_at_1 {final['val_precision_at_1']:.4f}, "
-        f"MAP@R {final['val_mean_average_precision_at_r']:.4f}, {metrics['train_time_s']:.1f} s training"
+        f"MAP@R {final['val_mean_average_precision_at_r']:.4f}, {metrics['train_time_s']:.1f} s training{skipped}"
     )
+
+
+def parse_size(text: str) -> list[int]:
+    """``112`` -> [112, 112]; ``112x96`` -> [112, 96] (H x W)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"--input-size {text!r} is not H or HxW: write e.g. 112 or 112x96")
+    sizes = [int(p) for p in parts]
+    return sizes * 2 if len(sizes) == 1 else sizes
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(SPLIT_NAMES), default="test", show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Output  [default: RUN/evaluation.json]")
+@click.option("--pairs", type=click.Path(path_type=Path), default=None, help="A verification pairs list (path1,path2,same; LFW style) to evaluate instead of a split.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Output  [default: RUN/evaluation.json, or RUN/evaluation-pairs-NAME.json]")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def evaluate(run_dir, split, json_path, device, force) -> None:
-    """Retrieval and verification metrics of a trained run on one of its splits."""
+def evaluate(run_dir, split, pairs, json_path, device, force) -> None:
+    """Retrieval and verification metrics of a trained run on one of its splits, or on a pairs list."""
     from ..checkpoints import read_config
-    from ..evaluate import default_output, evaluate_run
+    from ..evaluate import default_output, evaluate_pairs, evaluate_run
     from device_bench.files import write_json
 
     from ..files import check_new_file
 
-    path = json_path or default_output(run_dir, split)
+    path = json_path or (Path(run_dir) / f"evaluation-pairs-{pairs.stem}.json" if pairs else default_output(run_dir, split))
     read_config(run_dir)  # not a run folder: that error first, it says more than one about the output
+    if pairs is not None and not pairs.is_file():
+        raise UserError(f"--pairs {pairs} is not a file: give a CSV/TSV list of path1,path2,same")
     check_new_file(path, force)
-    result = evaluate_run(run_dir, split, device)
+    result = evaluate_pairs(run_dir, pairs, device) if pairs else evaluate_run(run_dir, split, device)
     width = max(len(k) for k in result)
     for key, value in result.items():
         click.echo(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")

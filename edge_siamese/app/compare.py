@@ -30,11 +30,10 @@ from ..checkpoints import METRICS, load_run, read_config
 from ..config import TrainConfig
 from ..models import MAX_DIM, MIN_DIM
 from ..errors import UserError
-from ..evaluate import evaluate_run
+from ..evaluate import embed_split, evaluate_run
 from ..files import remove_result_folder
-from ..models import embed
 from ..progress import progress_bar
-from ..run import prepare_data
+from ..run import prepare_data, read_index
 from ..train import train
 from .report import with_ci, write_report
 from .targets import TARGETS, BenchSettings, run_target
@@ -250,8 +249,8 @@ def _embeddings_2d(config: CompareConfig, out: Path) -> dict[str, tuple[np.ndarr
     views = {}
     for loss in [l for l in ("shadow", "triplet") if l in config.losses]:
         run = load_run(_run_dir(out, loss, dim, 0))
-        data = prepare_data(run.config, run.preprocessing)
-        emb = embed(run.model, data.inputs("test")).numpy()
+        data = prepare_data(run.config, run.preprocessing, read_index(run.path))
+        emb = embed_split(run.model, data, "test")
         if dim > 2:
             centred = emb - emb.mean(0)
             emb = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T

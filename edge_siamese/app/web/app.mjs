@@ -5,8 +5,8 @@
 // `?bundle=URL` reads the bundle from another folder of the same server.
 
 import {
-  BundleError, checkInputShape, checkManifest, checkSha256, distance, embed, listedFiles, oneLine,
-  onnxRunner, preprocessRgba, readNpz, requireOnnx, selfCheck, verdict,
+  BundleError, checkInputShape, checkManifest, checkSha256, decodeImage, distance, embed, listedFiles,
+  oneLine, onnxRunner, preprocessRgba, readNpz, requireOnnx, selfCheck, verdict,
 } from "./bundle.mjs";
 
 const params = new URLSearchParams(location.search);
@@ -119,21 +119,10 @@ function writeSelfCheck(report) {
   $("self-check").dataset.state = "done";
 }
 
-/** An image file -> its model input. */
+/** An image file -> its model input: decoded by the browser, then preprocessed as device_bench does (bundle.mjs). */
 async function imageInput(file, pre) {
-  let bitmap;
-  try {
-    bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
-  } catch {
-    throw new BundleError(`${file.name} could not be decoded as an image: pick a PNG, JPEG, WebP, GIF or BMP file`);
-  }
-  const [height, width] = pre.resize;
-  const canvas = new OffscreenCanvas(width, height);
-  const context = canvas.getContext("2d", { willReadFrequently: true });
-  context.imageSmoothingEnabled = true;
-  context.imageSmoothingQuality = "low"; // bilinear; training images were already the model's size
-  context.drawImage(bitmap, 0, 0, width, height);
-  return preprocessRgba(context.getImageData(0, 0, width, height).data, pre);
+  const { rgba, width, height } = await decodeImage(file);
+  return preprocessRgba(rgba, width, height, pre);
 }
 
 /** What the model sees: the input drawn into `canvas`, its values stretched from min to max. */

@@ -85,6 +85,8 @@ export function checkManifest(manifest) {
   if (missing.length) throw new BundleError(`manifest.json lacks ${missing.join(", ")}: export the bundle again`);
   const problems = numberProblems(manifest);
   if (problems.length) throw new BundleError(`manifest.json's ${problems.join("; ")}: export the bundle again`);
+  const modeProblem = resizeModeProblem(manifest.preprocessing);
+  if (modeProblem) throw new BundleError(`manifest.json's ${modeProblem}: update this client`);
   for (const [field, entry] of listedFiles(manifest)) {
     const problem = pathProblem(entry.path);
     if (problem) {
@@ -201,47 +203,207 @@ export async function readNpz(bytes, name, keys) {
   return arrays;
 }
 
-// --- preprocessing, as device_bench.embedder.preprocess ----------------------------------------------
+// --- preprocessing, as device_bench.preprocessing ----------------------------------------------------
+// A photo's 8-bit RGBA pixels -> the model's float32 NCHW input, each step computing what Python's
+// read_image, Preprocessing.resized and Preprocessing.__call__ compute, bit for bit on 8-bit values.
 
-const LUMA = [0.299, 0.587, 0.114]; // ITU-R 601-2, the manifest's grey_conversion
+const LUMA = [0.299, 0.587, 0.114]; // ITU-R 601-2, the manifest's grey_conversion, for float raw values
+const LUMA_16 = [19595, 38470, 7471]; // Pillow's integer form, for 8-bit values: (19595 R + 38470 G + 7471 B + 2**15) >> 16
+const ALPHA_BACKGROUND = 255; // transparent pixels are composited onto white
+const RESIZE_MODES = ["crop", "stretch"]; // device_bench.preprocessing.RESIZE_MODES
+const PRECISION_BITS = 32 - 8 - 2; // Pillow's fixed-point coefficients for 8-bit resampling
+
+const resizeMode = (pre) => pre.resize_mode ?? "crop"; // bundles exported before resize_mode always cropped
+
+/** What is wrong with the preprocessing's resize mode, or null. */
+function resizeModeProblem(pre) {
+  const mode = resizeMode(pre);
+  return RESIZE_MODES.includes(mode) ? null : `preprocessing.resize_mode ${shown(mode)} is unknown (this client knows ${RESIZE_MODES.join(", ")})`;
+}
 
 /**
- * One image's raw pixel values (H x W pixels of `c` interleaved channels, in the training data's
- * raw range) -> its float32 NCHW input: grey by the luma weights when the model takes one channel
- * and the image has colour, then (raw * scale - mean) / std per channel.
+ * Interleaved pixels of `c` channels (1 or 3) -> one plane per model channel: colour made grey
+ * when the model takes one (Pillow's integer luma for 8-bit values, LUMA for others), grey
+ * repeated when it takes three; as Preprocessing.with_channels.
  */
-function normalise(raw, c, pre) {
+function toPlanes(pixels, c, channels) {
+  const n = pixels.length / c;
+  const eightBit = pixels instanceof Uint8Array || pixels instanceof Uint8ClampedArray;
+  if (c === 3 && channels === 1) {
+    const grey = new (eightBit ? Uint8Array : Float64Array)(n);
+    for (let p = 0; p < n; p++) {
+      const [r, g, b] = [pixels[3 * p], pixels[3 * p + 1], pixels[3 * p + 2]];
+      grey[p] = eightBit ? (LUMA_16[0] * r + LUMA_16[1] * g + LUMA_16[2] * b + 0x8000) >>> 16 : LUMA[0] * r + LUMA[1] * g + LUMA[2] * b;
+    }
+    return [grey];
+  }
+  const planes = Array.from({ length: c }, (_, k) => pixels.constructor.from({ length: n }, (_, p) => pixels[c * p + k]));
+  return c === 1 ? Array(channels).fill(planes[0]) : planes;
+}
+
+/** The source region [left, top, right, bottom] that `mode` scales onto `[outHeight, outWidth]`; as device_bench.preprocessing.crop_box. */
+function cropBox(height, width, [outHeight, outWidth], mode) {
+  if (mode === "stretch") return [0, 0, width, height];
+  if (width * outHeight > height * outWidth) { // wider than the input: keep the full height
+    const kept = (height * outWidth) / outHeight;
+    return [(width - kept) / 2, 0, (width + kept) / 2, height];
+  }
+  const kept = (width * outHeight) / outWidth;
+  return [0, (height - kept) / 2, width, (height + kept) / 2];
+}
+
+/**
+ * Pillow's bilinear weights (Resample.c precompute_coeffs, then normalize_coeffs_8bpc) for
+ * `outSize` outputs from `[in0, in1)` of `inSize` inputs: the filter's support widens by the
+ * scale when shrinking (antialiasing), each output's weights sum to 1 and become fixed-point
+ * integers of PRECISION_BITS. Pillow holds the box in float32 and the rest in doubles, as here.
+ */
+function coefficients(inSize, in0, in1, outSize) {
+  const scale = Math.fround(in1 - in0) / outSize;
+  const filterScale = Math.max(scale, 1);
+  const support = filterScale; // the bilinear filter's support is 1
+  const ksize = Math.ceil(support) * 2 + 1;
+  const first = new Int32Array(outSize), count = new Int32Array(outSize), weights = new Int32Array(outSize * ksize);
+  const w = new Float64Array(ksize);
+  const ss = 1 / filterScale;
+  for (let out = 0; out < outSize; out++) {
+    const center = in0 + (out + 0.5) * scale;
+    const min = Math.max(Math.trunc(center - support + 0.5), 0);
+    const n = Math.min(Math.trunc(center + support + 0.5), inSize) - min;
+    let sum = 0;
+    for (let x = 0; x < n; x++) {
+      w[x] = Math.max(1 - Math.abs((x + min - center + 0.5) * ss), 0);
+      sum += w[x];
+    }
+    for (let x = 0; x < n; x++) {
+      const k = sum !== 0 ? w[x] / sum : w[x];
+      weights[out * ksize + x] = Math.trunc(k < 0 ? -0.5 + k * (1 << PRECISION_BITS) : 0.5 + k * (1 << PRECISION_BITS));
+    }
+    first[out] = min;
+    count[out] = n;
+  }
+  return { first, count, weights, ksize };
+}
+
+/** One pass of Pillow's 8-bit resampling along x (`step` 1) or y (`step` the row length): rounded, clipped to 0..255. */
+function resamplePass(src, at, step, k, out) {
+  let sum = 1 << (PRECISION_BITS - 1);
+  for (let i = 0, n = k.count[out]; i < n; i++) sum += src[at + (k.first[out] + i) * step] * k.weights[out * k.ksize + i];
+  return Math.min(Math.max(sum >> PRECISION_BITS, 0), 255);
+}
+
+/**
+ * One 8-bit plane (`height` rows of `width`) -> `outHeight` x `outWidth` from the source `box`,
+ * exactly as Pillow's `Image.resize(size, BILINEAR, box=box)` of an ``L`` image (Resample.c
+ * ImagingResampleInner): two passes, each rounded to 8 bits, skipping one that would change
+ * nothing (same size, whole span). The order matters to the rounding: Pillow 13 resamples along
+ * y first when the height shrinks by more than twice as many pixels as the width does, else
+ * along x first, over only the rows the vertical pass reads (found by comparing with Pillow
+ * 13.0.0; older releases always went along x first).
+ */
+function resizePlane(plane, width, height, box, outHeight, outWidth) {
+  const [x0, y0, x1, y1] = box.map(Math.fround);
+  const horizontal = coefficients(width, x0, x1, outWidth), vertical = coefficients(height, y0, y1, outHeight);
+  let src = plane, srcWidth = width, top = 0; // src's first row is the source's row `top`
+  const alongX = (first, rows) => {
+    const out = new Uint8Array(outWidth * rows);
+    for (let y = 0; y < rows; y++) {
+      for (let x = 0; x < outWidth; x++) out[y * outWidth + x] = resamplePass(src, (first + y) * srcWidth, 1, horizontal, x);
+    }
+    [src, srcWidth, top] = [out, outWidth, first];
+  };
+  const alongY = () => {
+    const out = new Uint8Array(srcWidth * outHeight);
+    for (let y = 0; y < outHeight; y++) {
+      for (let x = 0; x < srcWidth; x++) out[y * srcWidth + x] = resamplePass(src, x - top * srcWidth, srcWidth, vertical, y);
+    }
+    [src, top] = [out, 0];
+  };
+  const needHorizontal = outWidth !== width || x0 !== 0 || x1 !== outWidth;
+  const needVertical = outHeight !== height || y0 !== 0 || y1 !== outHeight;
+  if (height > outHeight && height - outHeight > 2 * (width - outWidth)) {
+    if (needVertical) alongY();
+    if (needHorizontal) alongX(0, outHeight);
+  } else {
+    const first = vertical.first[0], last = vertical.first[outHeight - 1] + vertical.count[outHeight - 1];
+    if (needHorizontal) alongX(first, last - first);
+    if (needVertical) alongY();
+  }
+  return src;
+}
+
+/**
+ * One image's raw planes (one per model channel, at the input size) -> its float32 NCHW input:
+ * (raw * scale - mean) / std per channel, as Preprocessing.__call__.
+ */
+function normalise(planes, pre) {
   const [height, width] = pre.resize;
   const { channels, scale, mean, std } = pre;
   const plane = height * width;
-  if (raw.length !== c * plane) throw new BundleError(`the image is not ${height}x${width} after resizing`);
-  if (channels === 3 && c === 1) throw new BundleError("the image is grey but the model takes colour: pick a colour image");
   const x = new Float32Array(channels * plane);
-  for (let p = 0; p < plane; p++) {
-    const rgb = c === 1 ? [raw[p]] : [raw[c * p], raw[c * p + 1], raw[c * p + 2]];
-    const values = channels === 1 && c > 1 ? [LUMA[0] * rgb[0] + LUMA[1] * rgb[1] + LUMA[2] * rgb[2]] : rgb;
-    for (let k = 0; k < channels; k++) x[k * plane + p] = (values[k] * scale - mean[k]) / std[k];
+  for (let k = 0; k < channels; k++) {
+    for (let p = 0; p < plane; p++) x[k * plane + p] = (planes[k][p] * scale - mean[k]) / std[k];
   }
   return x;
 }
 
 /**
- * A decoded 8-bit RGBA image (already resized to `resize`) -> its model input. Its 0..255 values
- * are first mapped onto the training data's raw range (`raw_range`: 0..16 for scikit-learn's
- * digits, 0..255 for 8-bit images, where this changes nothing).
+ * A decoded image's 8-bit RGBA pixels (`width` x `height`, not premultiplied) -> its model input,
+ * as device_bench computes it from the same file: alpha composited onto white, rounded; grey by
+ * Pillow's integer luma when the model takes one channel; resized by `resize_mode` with Pillow's
+ * 8-bit bilinear filter; the 0..255 values mapped onto the training data's raw range
+ * (`raw_range`: 0..16 for scikit-learn's digits, 0..255 for 8-bit images, where this changes
+ * nothing); then normalised.
  */
-export function preprocessRgba(rgba, pre) {
+export function preprocessRgba(rgba, width, height, pre) {
+  if (rgba.length !== 4 * width * height) throw new BundleError(`the image has ${rgba.length} RGBA values, not 4 x ${width} x ${height}`);
+  const problem = resizeModeProblem(pre);
+  if (problem) throw new BundleError(`manifest.json's ${problem}: update this client`);
+  const rgb = new Uint8Array(3 * width * height);
+  for (let p = 0; p < width * height; p++) {
+    const a = rgba[4 * p + 3];
+    for (let k = 0; k < 3; k++) rgb[3 * p + k] = Math.floor((rgba[4 * p + k] * a + ALPHA_BACKGROUND * (255 - a) + 127) / 255);
+  }
+  const [outHeight, outWidth] = pre.resize;
+  const box = cropBox(height, width, pre.resize, resizeMode(pre));
+  const same = width === outWidth && height === outHeight; // as Python, which leaves an image of the input size as it is
   const [lo, hi] = pre.raw_range;
-  return normalise(Float64Array.from(rgba, (v) => lo + (v * (hi - lo)) / 255), 4, pre);
+  const planes = toPlanes(rgb, 3, pre.channels).map((plane) => {
+    const resized = same ? plane : resizePlane(plane, width, height, box, outHeight, outWidth);
+    return Float64Array.from(resized, (v) => lo + (v * (hi - lo)) / 255);
+  });
+  return normalise(planes, pre);
 }
 
-/** golden.npz's raw images (N, H, W, C), already in the raw range -> their NCHW input, to check against Python's. */
+/** golden.npz's raw images (N, H, W, C) at the input size, already in the raw range -> their NCHW input, to check against Python's. */
 export function preprocessRaw(images, pre) {
   const [n, height, width, c] = images.shape;
+  if (height !== pre.resize[0] || width !== pre.resize[1]) throw new BundleError(`golden.npz's images are ${height}x${width}, not preprocessing.resize: export the bundle again`);
   const per = pre.channels * height * width;
   const out = new Float32Array(n * per);
-  for (let i = 0; i < n; i++) out.set(normalise(images.data.subarray(i * height * width * c, (i + 1) * height * width * c), c, pre), i * per);
+  for (let i = 0; i < n; i++) out.set(normalise(toPlanes(images.data.subarray(i * height * width * c, (i + 1) * height * width * c), c, pre.channels), pre), i * per);
   return { shape: [n, pre.channels, height, width], data: out };
+}
+
+/**
+ * An image file (a File or Blob) -> `{ rgba, width, height }`: its 8-bit RGBA pixels, not
+ * premultiplied, at its natural size and upright by its EXIF orientation, with no colour
+ * management (Pillow applies none). The browser decodes; preprocessRgba does the rest, so that
+ * no browser-specific canvas smoothing enters. The canvas stores premultiplied pixels, but
+ * compositing onto white only needs `value * alpha` rounded, which getImageData's values keep.
+ */
+export async function decodeImage(file, name = file.name) {
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file, { imageOrientation: "from-image", colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  } catch {
+    throw new BundleError(`${name} could not be decoded as an image: pick a PNG, JPEG, WebP, GIF or BMP file`);
+  }
+  const { width, height } = bitmap;
+  const context = new OffscreenCanvas(width, height).getContext("2d", { willReadFrequently: true });
+  context.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  return { rgba: context.getImageData(0, 0, width, height).data, width, height };
 }
 
 // --- running a model ----------------------------------------------------------------------------------
