@@ -76,6 +76,7 @@ def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None
     if preprocessing is not None and not in_memory:
         dataset.channels = preprocessing.channels  # files are decoded straight into the model's channels
     workers = config.workers if config.workers is not None else loader.default_workers(in_memory)
+    size = tuple(preprocessing.resize) if preprocessing else _input_size(config, dataset)
     splits = split_dataset(dataset.labels, config.split, config.test_fraction, config.val_fraction, config.split_seed)
     for name in ("train", "val", "test"):
         _, counts = np.unique(dataset.labels[splits[name]], return_counts=True)
@@ -85,19 +86,24 @@ def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None
                 "retrieval (it needs 2 classes, one with 2 images): use a larger dataset or other fractions"
             )
     if preprocessing is None:
-        preprocessing = _measure(config, dataset, splits["train"], workers)
+        preprocessing = _measure(config, dataset, size, splits["train"], workers)
     index = index_dict(dataset) if dataset.images is None else None
     dataset = loader.cache(dataset, preprocessing, config.cache_mb, workers, progress)
     return PreparedData(dataset, splits, preprocessing, workers, index)
 
 
-def _measure(config: TrainConfig, dataset: ImageSet, train_rows: np.ndarray, workers: int) -> Preprocessing:
-    """The preprocessing of a new run: its input size and resize mode, and the per-channel mean
-    and std of (at most ``STATS_SAMPLES``) training images at that size."""
+def _input_size(config: TrainConfig, dataset: ImageSet) -> tuple[int, int]:
+    """``--input-size``, else the images' own size when they all share one."""
     size = tuple(config.input_size) if config.input_size else dataset.common_size
     if size is None:
         (h1, w1), (h2, w2) = dataset.sizes[0], dataset.sizes[np.flatnonzero((dataset.sizes != dataset.sizes[0]).any(axis=1))[0]]
         raise UserError(f"the images of {config.dataset} have several sizes (e.g. {h1}x{w1} and {h2}x{w2}, HxW): pass --input-size H[xW], e.g. --input-size 112")
+    return size
+
+
+def _measure(config: TrainConfig, dataset: ImageSet, size: tuple[int, int], train_rows: np.ndarray, workers: int) -> Preprocessing:
+    """The preprocessing of a new run: its input size and resize mode, and the per-channel mean
+    and std of (at most ``STATS_SAMPLES``) training images at that size."""
     channels = dataset.channels
     sample = train_rows
     if len(sample) > STATS_SAMPLES:

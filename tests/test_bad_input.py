@@ -331,6 +331,75 @@ def _(t):
     return Case(train(t, "--dataset", t.folder("empty-folder")), ("empty-folder",))
 
 
+@case("train-folder-of-mixed-sizes-without-input-size")
+def _(t):
+    root = image_folder(t)
+    Image.fromarray(np.zeros((12, 9), np.uint8)).save(root / "a" / "larger.png")
+    return Case(train(t, "--dataset", root), ("several sizes", "--input-size"))
+
+
+@case("train-list-naming-a-missing-file")
+def _(t):
+    root = image_folder(t)
+    rows = [f"{p.relative_to(root.parent)},{p.parent.name}" for p in sorted(root.rglob("*.png"))] + ["images/a/gone.png,a"]
+    (root.parent / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    return Case(train(t, "--dataset", root.parent / "list.csv"), ("list.csv:10", "gone.png", "does not exist"))
+
+
+@case("train-list-with-a-missing-column")
+def _(t):
+    root = image_folder(t)
+    (root.parent / "list.csv").write_text("images/a/0.png,a\nimages/a/1.png\n")
+    return Case(train(t, "--dataset", root.parent / "list.csv"), ("list.csv:2", "1 field"))
+
+
+@case("train-input-size-not-a-size")
+def _(t):
+    return Case(train(t, "--input-size", "big"), ("--input-size", "112"))
+
+
+@case("train-input-size-too-small")
+def _(t):
+    return Case(train(t, "--input-size", "2x2"), ("--input-size",))
+
+
+@case("train-workers-negative")
+def _(t):
+    return Case(train(t, "--workers", "-1"), ("--workers",))
+
+
+def pairs_file(t: Ctx, rows: list[str]) -> Path:
+    root = image_folder(t)
+    path = root.parent / "pairs.csv"
+    path.write_text("path1,path2,same\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@case("evaluate-pairs-naming-a-missing-file")
+def _(t):
+    path = pairs_file(t, ["images/a/0.png,images/a/1.png,1", "images/a/0.png,images/b/gone.png,0"])
+    return Case(edge_siamese("evaluate", t.run, "--pairs", path, "--json", t.path("e.json")), ("pairs.csv:3", "gone.png"))
+
+
+@case("evaluate-pairs-without-different-pairs")
+def _(t):
+    path = pairs_file(t, ["images/a/0.png,images/a/1.png,1", "images/b/0.png,images/b/1.png,true"])
+    return Case(edge_siamese("evaluate", t.run, "--pairs", path, "--json", t.path("e.json")), ("pairs.csv", "only same"))
+
+
+@case("evaluate-pairs-same-not-a-flag")
+def _(t):
+    path = pairs_file(t, ["images/a/0.png,images/a/1.png,maybe", "images/a/0.png,images/b/0.png,0"])
+    return Case(edge_siamese("evaluate", t.run, "--pairs", path, "--json", t.path("e.json")), ("pair 1", "maybe"))
+
+
+@case("evaluate-pairs-with-a-corrupt-image")
+def _(t):
+    path = pairs_file(t, ["images/a/0.png,images/a/1.png,1", "images/a/0.png,images/b/0.png,0"])
+    (path.parent / "images" / "b" / "0.png").write_bytes(b"\x89PNG broken")
+    return Case(edge_siamese("evaluate", t.run, "--pairs", path, "--json", t.path("e.json")), ("0.png", "not an image"))
+
+
 # --- train: options ----------------------------------------------------------------------------
 
 

@@ -1,8 +1,10 @@
 // An edge-siamese bundle as an app reads it (docs/app-integration.md): the manifest, the sha256 of
-// every file, golden.npz, the preprocessing, int8 input/output, the distance and the verdict, and
-// the golden self-check. Web-platform APIs only (crypto.subtle, DecompressionStream, typed arrays),
-// so that the Node verifier (clients/node) and the web page (this folder) share this one copy.
-// Callers bring the bytes and a `run(data, shape)` function for their runtime.
+// every file, golden.npz, the preprocessing of a photo (as device_bench.preprocessing, bit for bit),
+// int8 input/output, the distance and the verdict, and the golden self-check. Web-platform APIs only
+// (crypto.subtle, DecompressionStream, typed arrays; decodeImage also createImageBitmap and
+// OffscreenCanvas, which only browsers have), so that the Node verifier (clients/node) and the web
+// page (this folder) share this one copy. Callers bring the bytes and a `run(data, shape)` function
+// for their runtime.
 
 export const SCHEMA_VERSION = 1;
 export const GOLDEN_SLACK = 1e-3; // as device_bench.bench: a file may fall this far below the min cosine export measured
@@ -221,24 +223,20 @@ function resizeModeProblem(pre) {
   return RESIZE_MODES.includes(mode) ? null : `preprocessing.resize_mode ${shown(mode)} is unknown (this client knows ${RESIZE_MODES.join(", ")})`;
 }
 
-/**
- * Interleaved pixels of `c` channels (1 or 3) -> one plane per model channel: colour made grey
- * when the model takes one (Pillow's integer luma for 8-bit values, LUMA for others), grey
- * repeated when it takes three; as Preprocessing.with_channels.
- */
-function toPlanes(pixels, c, channels) {
-  const n = pixels.length / c;
-  const eightBit = pixels instanceof Uint8Array || pixels instanceof Uint8ClampedArray;
-  if (c === 3 && channels === 1) {
-    const grey = new (eightBit ? Uint8Array : Float64Array)(n);
-    for (let p = 0; p < n; p++) {
-      const [r, g, b] = [pixels[3 * p], pixels[3 * p + 1], pixels[3 * p + 2]];
-      grey[p] = eightBit ? (LUMA_16[0] * r + LUMA_16[1] * g + LUMA_16[2] * b + 0x8000) >>> 16 : LUMA[0] * r + LUMA[1] * g + LUMA[2] * b;
-    }
-    return [grey];
+/** R, G and B planes -> one grey plane: Pillow's integer luma for 8-bit values, LUMA for others. */
+function grey([r, g, b]) {
+  const eightBit = r instanceof Uint8Array;
+  const out = new (eightBit ? Uint8Array : Float64Array)(r.length);
+  for (let p = 0; p < r.length; p++) {
+    out[p] = eightBit ? (LUMA_16[0] * r[p] + LUMA_16[1] * g[p] + LUMA_16[2] * b[p] + 0x8000) >>> 16 : LUMA[0] * r[p] + LUMA[1] * g[p] + LUMA[2] * b[p];
   }
-  const planes = Array.from({ length: c }, (_, k) => pixels.constructor.from({ length: n }, (_, p) => pixels[c * p + k]));
-  return c === 1 ? Array(channels).fill(planes[0]) : planes;
+  return out;
+}
+
+/** One or three planes -> the model's channels: colour made grey, grey repeated; as Preprocessing.with_channels. */
+function withChannels(planes, channels) {
+  if (planes.length === 3 && channels === 1) return [grey(planes)];
+  return planes.length === 1 && channels === 3 ? [planes[0], planes[0], planes[0]] : planes;
 }
 
 /** The source region [left, top, right, bottom] that `mode` scales onto `[outHeight, outWidth]`; as device_bench.preprocessing.crop_box. */
@@ -359,29 +357,37 @@ export function preprocessRgba(rgba, width, height, pre) {
   if (rgba.length !== 4 * width * height) throw new BundleError(`the image has ${rgba.length} RGBA values, not 4 x ${width} x ${height}`);
   const problem = resizeModeProblem(pre);
   if (problem) throw new BundleError(`manifest.json's ${problem}: update this client`);
-  const rgb = new Uint8Array(3 * width * height);
+  const rgb = [0, 1, 2].map(() => new Uint8Array(width * height));
   for (let p = 0; p < width * height; p++) {
     const a = rgba[4 * p + 3];
-    for (let k = 0; k < 3; k++) rgb[3 * p + k] = Math.floor((rgba[4 * p + k] * a + ALPHA_BACKGROUND * (255 - a) + 127) / 255);
+    for (let k = 0; k < 3; k++) rgb[k][p] = Math.floor((rgba[4 * p + k] * a + ALPHA_BACKGROUND * (255 - a) + 127) / 255);
   }
   const [outHeight, outWidth] = pre.resize;
   const box = cropBox(height, width, pre.resize, resizeMode(pre));
   const same = width === outWidth && height === outHeight; // as Python, which leaves an image of the input size as it is
   const [lo, hi] = pre.raw_range;
-  const planes = toPlanes(rgb, 3, pre.channels).map((plane) => {
+  const planes = withChannels(rgb, pre.channels).map((plane) => {
     const resized = same ? plane : resizePlane(plane, width, height, box, outHeight, outWidth);
     return Float64Array.from(resized, (v) => lo + (v * (hi - lo)) / 255);
   });
   return normalise(planes, pre);
 }
 
-/** golden.npz's raw images (N, H, W, C) at the input size, already in the raw range -> their NCHW input, to check against Python's. */
+/** golden.npz's raw images (N, H, W, C), at the input size and already in the raw range -> their NCHW input, to check against Python's. */
 export function preprocessRaw(images, pre) {
   const [n, height, width, c] = images.shape;
-  if (height !== pre.resize[0] || width !== pre.resize[1]) throw new BundleError(`golden.npz's images are ${height}x${width}, not preprocessing.resize: export the bundle again`);
   const per = pre.channels * height * width;
   const out = new Float32Array(n * per);
-  for (let i = 0; i < n; i++) out.set(normalise(toPlanes(images.data.subarray(i * height * width * c, (i + 1) * height * width * c), c, pre.channels), pre), i * per);
+  const plane = height * width;
+  for (let i = 0; i < n; i++) {
+    const pixels = images.data.subarray(i * plane * c, (i + 1) * plane * c);
+    const planes = Array.from({ length: c }, (_, k) => {
+      const values = new pixels.constructor(plane);
+      for (let p = 0; p < plane; p++) values[p] = pixels[c * p + k];
+      return values;
+    });
+    out.set(normalise(withChannels(planes, pre.channels), pre), i * per);
+  }
   return { shape: [n, pre.channels, height, width], data: out };
 }
 
@@ -389,8 +395,9 @@ export function preprocessRaw(images, pre) {
  * An image file (a File or Blob) -> `{ rgba, width, height }`: its 8-bit RGBA pixels, not
  * premultiplied, at its natural size and upright by its EXIF orientation, with no colour
  * management (Pillow applies none). The browser decodes; preprocessRgba does the rest, so that
- * no browser-specific canvas smoothing enters. The canvas stores premultiplied pixels, but
- * compositing onto white only needs `value * alpha` rounded, which getImageData's values keep.
+ * no browser-specific canvas smoothing enters. The canvas stores pixels premultiplied, rounded;
+ * composited onto white a pixel is that premultiplied value + 255 - alpha, which preprocessRgba's
+ * formula gives back exactly from getImageData's un-premultiplied values.
  */
 export async function decodeImage(file, name = file.name) {
   let bitmap;
