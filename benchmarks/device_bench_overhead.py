@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from device_bench.manifest import read_bundle  # noqa: E402
-from edge_siamese.files import write_json  # noqa: E402
+from device_bench.files import write_json  # noqa: E402
 
 TARGET_RATIO = 1.10
 # The bare process: argv = path, runtime, runs. Prints {"start_mb": ..., "peak_mb": ...}.

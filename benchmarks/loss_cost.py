@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from edge_siamese.distances import EuclideanDistance
-from edge_siamese.files import write_json
+from device_bench.files import write_json
 from edge_siamese.losses import ShadowLoss, TripletMarginLoss
 from edge_siamese.losses.base import label_masks
 from edge_siamese.progress import progress_bar

@@ -115,12 +115,13 @@ def crop_box(height: int, width: int, size: tuple[int, int], mode: str) -> tuple
 
 def resize_image(image: np.ndarray, size: tuple[int, int], mode: str = "crop") -> np.ndarray:
     """One raw image (H, W, C), uint8 or float, to ``size`` (H, W) by ``mode``, each channel with
-    Pillow's bilinear filter (mode ``L`` for uint8, ``F`` for floats)."""
-    from PIL import Image
-
+    Pillow's bilinear filter (mode ``L`` for uint8, ``F`` for floats). Pillow is imported only
+    here and in ``read_image``: a device fed images at the input size needs numpy alone."""
     x = np.asarray(image)
     if x.shape[:2] == tuple(size):
         return x
+    from PIL import Image
+
     box = crop_box(x.shape[0], x.shape[1], size, mode)
     target = (int(size[1]), int(size[0]))
     planes = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.metrics import roc_auc_score, silhouette_score
 
-from device_bench.metrics import DISTANCES, pairwise_distances, retrieval_metrics, silhouette, verification_metrics
+from device_bench import metrics
+from device_bench.metrics import (
+    DISTANCES,
+    embedding_agreement,
+    pairwise_distances,
+    retrieval_metrics,
+    silhouette,
+    verification_metrics,
+)
 from edge_siamese.distances import DISTANCES as TORCH_DISTANCES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +71,149 @@ def brute_force_rank_metrics(emb, labels, distance="euclidean", weights=None, kn
         "mean_average_precision_at_r": np.mean(mapr),
         "knn_accuracy": np.mean(knn),
     }
+
+
+def full_matrix_rank_metrics(emb, labels, distance="euclidean", weights=None, knn_k=5) -> dict:
+    """The full-matrix reference: the rank metrics as device_bench computed them before they were
+    chunked, with (N, N) distances, (N, depth) neighbours and an (N, num_classes) vote table."""
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    r = counts[inverse] - 1
+    depth = int(min(max(r.max(), knn_k, 1), len(emb) - 1))
+    d = pairwise_distances(emb, emb, distance, weights)
+    np.fill_diagonal(d, np.inf)
+    part = np.argpartition(d, depth - 1, axis=1)[:, :depth]
+    order = np.take_along_axis(d, part, axis=1).argsort(axis=1, kind="stable")
+    neigh = labels[np.take_along_axis(part, order, axis=1)]
+    hits = neigh == labels[:, None]
+    ranks = np.arange(1, depth + 1)
+    within_r = ranks[None, :] <= r[:, None]
+    has_r = r > 0
+    r_safe = np.maximum(r, 1)
+    r_precision = (hits & within_r).sum(1) / r_safe
+    precision_at_k = np.cumsum(hits, axis=1) / ranks[None, :]
+    map_at_r = (precision_at_k * (hits & within_r)).sum(1) / r_safe
+
+    k = min(knn_k, depth)
+    votes = np.zeros((len(emb), len(classes)), dtype=np.int64)
+    neigh_idx = np.searchsorted(classes, neigh[:, :k])
+    np.add.at(votes, (np.arange(len(emb))[:, None], neigh_idx), 1)
+    tied = votes[np.arange(len(emb))[:, None], neigh_idx] == votes.max(1)[:, None]
+    predicted = neigh[np.arange(len(emb)), tied.argmax(1)]
+    return {
+        "precision_at_1": float(hits[has_r, 0].mean()),
+        "r_precision": float(r_precision[has_r].mean()),
+        "mean_average_precision_at_r": float(map_at_r[has_r].mean()),
+        "knn_accuracy": float((predicted == labels).mean()),
+    }
+
+
+def full_matrix_nearest(emb, distance="euclidean", weights=None) -> np.ndarray:
+    """The full-matrix reference for ``embedding_agreement``: each row's nearest other row."""
+    d = pairwise_distances(emb, emb, distance, weights)
+    np.fill_diagonal(d, np.inf)
+    return d.argmin(1)
+
+
+def tied_set(seed: int, n: int = 90, num_classes: int = 6):
+    """Embeddings on a coarse integer grid: many equal distances, duplicate points, a zero vector."""
+    rng = np.random.default_rng(seed)
+    emb = rng.integers(-1, 2, size=(n, 3)).astype(np.float64)
+    emb[0] = 0.0
+    return emb, rng.integers(num_classes, size=n)
+
+
+def with_lone_classes(emb, labels, seed: int):
+    """Three more samples, each alone in its class (left out of the three rank metrics)."""
+    extra = np.random.default_rng(seed).normal(size=(3, emb.shape[1])) * 2
+    return np.concatenate([emb, extra]), np.concatenate([labels, [100, 101, 102]])
+
+
+def with_string_labels(emb, labels):
+    return emb, np.array(list("abcdefgh"))[labels]
+
+
+CHUNK_CASES = {
+    "clustered": lambda: clustered(30, 110, 7),
+    "ties": lambda: tied_set(31),
+    "lone classes": lambda: with_lone_classes(*clustered(32, 80, 5), seed=33),
+    "ties and lone classes": lambda: with_lone_classes(*tied_set(34, n=60, num_classes=4), seed=35),
+    "string labels": lambda: with_string_labels(*clustered(36, 70, 4)),
+}
+
+
+# --- chunked against the full-matrix reference -------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("chunk_rows", [None, 7])  # None: the module's own chunk (one here); 7: many
+def test_rank_metrics_equal_the_full_matrix_reference(case, distance, chunk_rows, monkeypatch):
+    emb, labels = CHUNK_CASES[case]()
+    weights = weights_for(distance, emb.shape[1])
+    if chunk_rows:
+        monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", chunk_rows * len(emb))
+    for knn_k in (1, 4, 7):
+        got = retrieval_metrics(emb, labels, distance, weights, knn_k=knn_k, episodes=1, max_pairs=100)
+        want = full_matrix_rank_metrics(emb, labels, distance, weights, knn_k)
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, abs=1e-9), (name, knn_k)
+
+
+@pytest.mark.parametrize("case", ["clustered", "ties", "lone classes"])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_embedding_agreement_in_chunks_equals_the_full_matrix_reference(case, distance, monkeypatch):
+    emb, labels = CHUNK_CASES[case]()
+    weights = weights_for(distance, emb.shape[1])
+    ref = emb + np.random.default_rng(37).normal(size=emb.shape) * 0.3
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 5 * len(emb))
+    got = embedding_agreement(emb, ref, labels, distance, weights)
+    agreement = full_matrix_nearest(emb, distance, weights) == full_matrix_nearest(ref, distance, weights)
+    assert got["top1_neighbour_agreement"] == pytest.approx(agreement.mean(), abs=1e-12)
+    assert 0 < got["top1_neighbour_agreement"] < 1
+    for key, x in (("precision_at_1", emb), ("reference_precision_at_1", ref)):
+        want = full_matrix_rank_metrics(x, labels, distance, weights, knn_k=1)["precision_at_1"]
+        assert got[key] == pytest.approx(want, abs=1e-9), key
+
+
+def test_small_chunks_are_used_and_stay_within_the_element_budget(monkeypatch):
+    emb, labels = clustered(38, 300, 6)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 8 * len(emb))
+    shapes = []
+
+    def recording(queries, refs, *args):
+        shapes.append((len(queries), len(refs)))
+        return pairwise_distances(queries, refs, *args)
+
+    monkeypatch.setattr(metrics, "pairwise_distances", recording)
+    metrics._rank_metrics(emb, labels, "euclidean", None, 5)
+    assert len(shapes) == 300 // 8 + 1  # 37 chunks of 8 rows, one of 4
+    assert max(rows * refs for rows, refs in shapes) == 8 * 300
+
+
+def test_silhouette_in_small_chunks_equals_sklearn(monkeypatch):
+    emb, labels = clustered(39, 200, 5)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 9 * len(emb))
+    assert silhouette(emb, labels, "euclidean") == pytest.approx(silhouette_score(emb, labels), abs=1e-9)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_peak_memory_is_a_few_chunk_matrices_not_n_by_n(distance, monkeypatch):
+    # Two classes of about 1,500, the worst case (the deepest ranking): the full-matrix reference
+    # holds (3000, 3000) distances and (3000, ~1500) neighbour arrays, 36 MB each; a chunk is 0.5 MB.
+    emb, labels = clustered(40, 3000, 2, dim=4)
+    weights = weights_for(distance, emb.shape[1])
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 2**16)
+    chunk_bytes = 2**16 * 8
+    for run in (
+        lambda: metrics._rank_metrics(emb, labels, distance, weights, 5),
+        lambda: embedding_agreement(emb, emb[::-1], labels, distance, weights),
+        lambda: silhouette(emb, labels, distance, weights),
+    ):
+        tracemalloc.start()
+        run()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 6 * chunk_bytes, peak / chunk_bytes
 
 
 # --- ranking metrics ---------------------------------------------------------------------------
