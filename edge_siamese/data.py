@@ -276,9 +276,16 @@ def from_index(name: str, index: dict) -> ImageSet:
     """The file set ``index_dict`` describes, its files under ``name`` (a folder, or a list's folder)."""
     path = Path(name)
     root = path if path.is_dir() or not path.suffix else path.parent
-    labels = np.asarray(index["labels"], dtype=np.int64)
-    return ImageSet(labels, list(index["class_names"]), 1 / 255, int(index["channels"]), root=root,
-                    paths=np.asarray(index["paths"]), sizes=np.asarray(index["sizes"], dtype=np.int64).reshape(-1, 2), skipped=list(index["skipped"]))
+    try:
+        labels = np.asarray(index["labels"], dtype=np.int64)
+        images = ImageSet(labels, [str(c) for c in index["class_names"]], 1 / 255, int(index["channels"]), root=root,
+                          paths=np.asarray(index["paths"], dtype=str), sizes=np.asarray(index["sizes"], dtype=np.int64).reshape(-1, 2),
+                          skipped=[str(s) for s in index["skipped"]])
+        if not (len(images.paths) == len(labels) == len(images.sizes)) or labels.min() < 0 or labels.max() >= len(images.class_names):
+            raise ValueError("its paths, labels and sizes do not match")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"the run's {INDEX} is corrupt ({exc}): train the run again") from None
+    return images
 
 
 DATASETS = ("digits", "fashion-mnist")
