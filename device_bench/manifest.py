@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,12 @@ MANIFEST = "manifest.json"
 FILE_STATUSES = ("verified", "degraded")  # formats.STATUSES' words for a file a bundle holds
 
 # The schema: a dict gives the required keys of an object, a tuple the types a value may take.
+class Optional(NamedTuple):
+    """A field that bundles written before it existed lack (its reader then takes a default)."""
+
+    types: tuple
+
+
 NUMBER = (int, float)
 QUANT_IO = {"name": (str,), "dtype": (str,), "shape": (list,), "scale": (float, type(None)), "zero_point": (int, type(None))}
 FIDELITY = {
@@ -55,6 +62,8 @@ SCHEMA = {
     "preprocessing": {
         "raw_range": (list,),
         "resize": (list,),
+        "resize_mode": Optional((str,)),
+        "interpolation": Optional((str,)),
         "grey_conversion": (str,),
         "channels": (int,),
         "scale": NUMBER,
@@ -74,6 +83,18 @@ SCHEMA = {
     "golden": DATA_FILE,
     "files": (list,),
 }
+
+
+def optional_fields(schema: dict | None = None, prefix: str = "") -> set[str]:
+    """The dotted paths of the fields older bundles may lack."""
+    schema = SCHEMA if schema is None else schema
+    paths = set()
+    for key, spec in schema.items():
+        if isinstance(spec, Optional):
+            paths.add(prefix + key)
+        elif isinstance(spec, dict):
+            paths |= optional_fields(spec, f"{prefix}{key}.")
+    return paths
 
 
 def schema_paths(schema: dict, prefix: str = "") -> set[str]:
@@ -97,9 +118,11 @@ def check_schema(value, spec, where: str = "") -> None:
         if not isinstance(value, dict):
             raise BundleError(f"manifest field {where or 'root'} must be an object")
         for key, sub in spec.items():
+            if key not in value and isinstance(sub, Optional):
+                continue
             if key not in value:
                 raise BundleError(f"manifest is missing {where + '.' if where else ''}{key}: export the bundle again")
-            check_schema(value[key], sub, f"{where + '.' if where else ''}{key}")
+            check_schema(value[key], sub.types if isinstance(sub, Optional) else sub, f"{where + '.' if where else ''}{key}")
     elif not isinstance(value, spec) or (isinstance(value, bool) and bool not in spec):
         names = " or ".join(t.__name__ for t in spec)
         raise BundleError(f"manifest field {where} must be {names}, got {type(value).__name__}")

@@ -4,8 +4,8 @@ Three steps, each with one home here, each followed exactly by the JavaScript re
 (``edge_siamese/app/web/bundle.mjs``):
 
 1. ``read_image``: decode a file (JPEG, PNG, WebP, ...), apply its EXIF orientation and convert
-   it to the model's channels as 8-bit values (alpha composited onto white, 16-bit scaled by
-   1/257, palette expanded, colour made grey by Pillow's integer ITU-R 601-2 luma).
+   it to the model's channels as 8-bit values (alpha composited onto white, 16-bit values' high
+   byte, palette expanded, colour made grey by Pillow's integer ITU-R 601-2 luma).
 2. ``Preprocessing.resized``: one image to the input size by ``RESIZE_MODES`` (default ``crop``:
    the shorter side scaled to the input size and the centre kept) with Pillow's bilinear filter
    (antialiased when shrinking; 8-bit images rounded after each pass).
@@ -60,8 +60,8 @@ def _to_channels(image, channels: int | None) -> np.ndarray:
     """A decoded Pillow image of any mode -> uint8 (H, W, channels); ``None``: 1 for a grey
     image, 3 for a colour one."""
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PNG): 0..65535 -> 0..255
-        grey = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PNG): the high byte, as libpng's and browsers' decoders keep it
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
         return np.repeat(grey[..., None], channels or 1, axis=2)
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")

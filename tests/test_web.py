@@ -16,21 +16,26 @@ from PIL import Image
 from device_bench.embedder import Embedder
 from device_bench.manifest import read_bundle
 from device_bench.metrics import embedding_agreement, pairwise_distances
+from device_bench.preprocessing import read_image
 from device_bench.runtimes import open_runtime
 from edge_siamese.app.demo import PAGE
 
 from conftest import BAD_MANIFESTS, copy_bundle, demo_server
 
 CHROMIUM = shutil.which("chromium")
-playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
 
-pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: apt-get install chromium"),
-    pytest.mark.skipif(
-        not (PAGE / "node_modules" / "onnxruntime-web").is_dir(),
-        reason="the page's node_modules is absent: run npm ci --prefix edge_siamese/app/web",
-    ),
-]
+NO_BROWSER = (  # why the page cannot be tested here, or None
+    "playwright is not installed: pip install -e '.[test]'" if sync_playwright is None
+    else "chromium is not installed: apt-get install chromium" if CHROMIUM is None
+    else "the page's node_modules is absent: run npm ci --prefix edge_siamese/app/web" if not (PAGE / "node_modules" / "onnxruntime-web").is_dir()
+    else None
+)
+NEEDS_BROWSER = pytest.mark.skipif(NO_BROWSER is not None, reason=str(NO_BROWSER))  # tests/test_image_inputs.py's browser test too
+pytestmark = NEEDS_BROWSER
 
 # Headless, as root, on a machine with no network: no sandbox, no GPU, no background connections.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -40,7 +45,7 @@ SCREENSHOTS = os.environ.get("EDGE_SIAMESE_SCREENSHOTS")  # e.g. docs/img: where
 
 @pytest.fixture(scope="module")
 def browser():
-    with playwright.sync_playwright() as p:
+    with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         yield chromium
         chromium.close()
@@ -148,16 +153,19 @@ def test_page_verdicts_equal_python(page, served, client_bundle, tmp_path, file)
 
 
 def test_page_converts_colour_and_resizes_as_python(page, served, client_bundle, tmp_path):
-    """A colour image goes through the manifest's luma weights, and a 2x image is resized to the
-    model's size: the page's distance equals Python's on the colour image and the original."""
+    """A colour image is made grey by Pillow's integer luma and a 2x image shrunk by Pillow's
+    bilinear filter: the page's distance equals Python's on the same two files (read_image and
+    Preprocessing.resized, the 8-bit result mapped onto the raw range as the page maps it)."""
     pixels = to_pixels(np.load(client_bundle / "eval.npz", allow_pickle=False)["images"][:2], client_bundle)
     grey_a, grey_b = pixels[0, ..., 0], pixels[1, ..., 0]
     colour = np.stack([grey_a, grey_a // 2, 255 - grey_a], axis=-1)
-    twice = grey_b.repeat(2, axis=0).repeat(2, axis=1)[..., None]  # each pixel a 2x2 block: bilinear halving gives it back
+    twice = grey_b.repeat(2, axis=0).repeat(2, axis=1)[..., None]
+    files = [save_png(colour, tmp_path / "colour.png"), save_png(twice, tmp_path / "twice.png")]
     embedder = Embedder(client_bundle, file="model_fp32.onnx")
-    expected = embedder.distance(embedder.embed(to_raw(colour, client_bundle)[None]), embedder.embed(to_raw(grey_b, client_bundle)[None, ..., None]))[0]
-    verdict = page_verdict(page, served, "model_fp32.onnx", save_png(colour, tmp_path / "colour.png"), save_png(twice, tmp_path / "twice.png"))
-    assert float(verdict.get_attribute("data-distance")) == pytest.approx(expected, abs=1e-4)
+    pre = embedder.preprocessing
+    a, b = (embedder.embed(to_raw(pre.resized(read_image(path, pre.channels)), client_bundle)[None]) for path in files)
+    verdict = page_verdict(page, served, "model_fp32.onnx", *files)
+    assert float(verdict.get_attribute("data-distance")) == pytest.approx(embedder.distance(a, b)[0], abs=1e-4)
 
 
 def test_page_says_when_an_image_cannot_be_decoded(page, served, tmp_path):
