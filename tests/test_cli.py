@@ -22,7 +22,7 @@ def test_train_then_evaluate_shadow_d8_reaches_precision_at_1_above_0_9(shadow_r
 
 def test_triplet_baseline_d128_trains_and_evaluates(tmp_path):
     out = tmp_path / "triplet-d128"
-    run_cli("train", "--loss", "triplet", "--dim", "128", "--epochs", "10", "--quiet", "--out", out)
+    run_cli("train", "--loss", "triplet", "--dim", "128", "--epochs", "4", "--quiet", "--out", out)
     run_cli("evaluate", out, "--json", tmp_path / "eval.json")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["embedding_dim"] == 128 and result["distance"] == "euclidean"
@@ -98,7 +98,7 @@ def _grey(n, size=12, seed=0):
     return list(np.random.default_rng(seed).integers(0, 255, (n, size, size), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("case", ["one_class", "single_image", "not_an_image", "mixed_sizes", "mixed_channels"])
+@pytest.mark.parametrize("case", ["one_class", "single_image", "not_an_image", "mixed_sizes"])
 def test_train_bad_image_folders(tmp_path, case):
     root = tmp_path / "data"
     _write_class(root, "a", _grey(4))
@@ -111,14 +111,11 @@ def test_train_bad_image_folders(tmp_path, case):
         fragment = "notes.txt"
     elif case == "mixed_sizes":
         _write_class(root, "b", _grey(3, size=16))
-        fragment = "mixed image sizes"
-    elif case == "mixed_channels":
-        _write_class(root, "b", [np.stack([g] * 3, -1) for g in _grey(3)])
-        fragment = "RGB"
+        fragment = "several sizes"
     else:
         fragment = "1 class"
     out = tmp_path / "run"
-    assert_one_line_error(run_cli("train", "--dataset", root, "--out", out, check=False), fragment)
+    assert_one_line_error(run_cli("train", "--dataset", root, "--out", out, "--quiet", check=False), fragment)  # quiet: no indexing bar before the line
     assert not out.exists()
 
 

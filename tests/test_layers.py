@@ -46,7 +46,8 @@ class Layer:
 
 
 LAYERS = {
-    "device_bench": Layer(forbidden=("torch", "edge_siamese", "export", "click"), only=("numpy", "device_bench"), lazy=RUNTIMES),
+    # Pillow only to decode or resize: a device fed images at the input size needs numpy and a runtime.
+    "device_bench": Layer(forbidden=("torch", "edge_siamese", "export", "click"), only=("numpy", "device_bench"), lazy=(*RUNTIMES, "PIL")),
     "library": Layer(forbidden=("export", "edge_siamese.app", "click")),
     "export": Layer(forbidden=("edge_siamese.app", "click")),
     "app": Layer(),

@@ -172,7 +172,7 @@ def test_a_manifest_written_by_toolkit_0_1_0_still_validates():
 
 def test_the_exporters_preprocessing_block_is_the_one_the_schema_asks_for():
     block = Preprocessing((8, 8), 1, 1 / 16, (0.3,), (0.37,)).to_dict()
-    assert set(block) == set(SCHEMA["preprocessing"])
+    assert set(block) == set(SCHEMA["preprocessing"])  # the optional fields too: new bundles write them
     assert Preprocessing.from_dict(block) == Preprocessing((8, 8), 1, 1 / 16, (0.3,), (0.37,))
 
 
