@@ -149,11 +149,18 @@ class Preprocessing:
 
     @classmethod
     def fit(cls, images: np.ndarray, scale: float, resize_mode: str = "crop") -> "Preprocessing":
-        """Per-channel mean and std of ``images`` (N, H, W, C), training images at the input size, after scaling."""
-        x = images.astype(np.float64) * scale
-        mean = x.mean(axis=(0, 1, 2))
-        std = np.maximum(x.std(axis=(0, 1, 2)), 1e-6)
-        return cls((int(images.shape[1]), int(images.shape[2])), int(images.shape[3]), float(scale), tuple(mean.tolist()), tuple(std.tolist()), resize_mode)
+        """Per-channel mean and std of ``images`` (N, H, W, C), training images at the input size,
+        after scaling; summed in float64 a few images at a time (no float copy of them all)."""
+        n, height, width, channels = images.shape
+        total, squares = np.zeros(channels), np.zeros(channels)
+        for start in range(0, n, 64):
+            x = images[start : start + 64].astype(np.float64) * scale
+            total += x.sum(axis=(0, 1, 2))
+            squares += (x * x).sum(axis=(0, 1, 2))
+        count = n * height * width
+        mean = total / count
+        std = np.maximum(np.sqrt(np.maximum(squares / count - mean * mean, 0)), 1e-6)
+        return cls((int(height), int(width)), int(channels), float(scale), tuple(mean.tolist()), tuple(std.tolist()), resize_mode)
 
     def with_channels(self, image: np.ndarray) -> np.ndarray:
         """One raw image (H, W[, C]) in the model's channels (colour made grey, grey repeated); size and dtype kept."""

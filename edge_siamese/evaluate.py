@@ -93,7 +93,7 @@ def evaluate_pairs(run_dir: Path, pairs: Path, device: str = "auto") -> dict:
     files = sorted({p for row in rows for p in row[:2]})
     images = ImageSet(np.zeros(len(files), dtype=np.int64), ["pairs"], 1 / 255, run.preprocessing.channels,
                       root=Path(pairs).parent, paths=np.asarray(files), sizes=np.zeros((len(files), 2), dtype=np.int64))
-    emb = embed_batches(run.model, batches(images, np.arange(len(files)), run.preprocessing, default_workers(in_memory=False)))
+    emb = embed_batches(run.model, batches(images, np.arange(len(files)), run.preprocessing, default_workers(False)))
     try:
         check_finite(emb, "the model's embeddings")
     except ValueError as exc:

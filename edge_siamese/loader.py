@@ -23,9 +23,11 @@ from .errors import UserError
 from .progress import progress_bar
 
 
-def default_workers(in_memory: bool) -> int:
-    """Loader processes: none for images already in memory, else one per core but one (at most 8)."""
-    return 0 if in_memory else max(1, min(8, (os.cpu_count() or 1) - 1))
+def default_workers(in_memory: bool, augment: str = "none") -> int:
+    """Loader processes: none for images already in memory and not augmented, else one per core
+    but one (at most 8). Augmenting in the training process is slow: its torch ops compete
+    for the threads training uses."""
+    return 0 if in_memory and augment == "none" else max(1, min(8, (os.cpu_count() or 1) - 1))
 
 
 class ImageDataset(Dataset):

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from device_bench.files import atomic_path
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from device_bench.files import atomic_path  # noqa: E402
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported when a figure is drawn, not when a command
+    starts (it costs about half a second)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_training_curves(history: list[dict], path: Path, title: str) -> None:
     """Training loss and validation precision@1 / MAP@R per epoch."""
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], marker=".")

@@ -29,7 +29,12 @@ class PreparedData:
     splits: dict[str, np.ndarray]
     preprocessing: Preprocessing
     workers: int
-    index: dict | None  # a file set's index (what the run folder keeps as index.json); None for arrays
+    files: ImageSet | None  # the file set before any cache, for its index; None for arrays
+
+    @property
+    def index(self) -> dict | None:
+        """A file set's index, what the run folder keeps as index.json; None for arrays."""
+        return None if self.files is None else index_dict(self.files)
 
     def rows(self, split: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         return self.splits[split][rows]
@@ -67,7 +72,7 @@ def read_index(run_dir: Path) -> dict | None:
 def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None, index: dict | None = None, progress: bool = False) -> PreparedData:
     """Load (or, with a run's ``index``, re-open) and split the dataset; measure the preprocessing
     on training images unless one is given."""
-    file_workers = config.workers if config.workers is not None else loader.default_workers(in_memory=False)
+    file_workers = config.workers if config.workers is not None else loader.default_workers(False, config.augment)
     if index is not None:
         dataset = from_index(config.dataset, index)
     else:
@@ -75,7 +80,7 @@ def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None
     in_memory = dataset.images is not None
     if preprocessing is not None and not in_memory:
         dataset.channels = preprocessing.channels  # files are decoded straight into the model's channels
-    workers = config.workers if config.workers is not None else loader.default_workers(in_memory)
+    workers = config.workers if config.workers is not None else loader.default_workers(in_memory, config.augment)
     size = tuple(preprocessing.resize) if preprocessing else _input_size(config, dataset)
     splits = split_dataset(dataset.labels, config.split, config.test_fraction, config.val_fraction, config.split_seed)
     for name in ("train", "val", "test"):
@@ -87,9 +92,9 @@ def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None
             )
     if preprocessing is None:
         preprocessing = _measure(config, dataset, size, splits["train"], workers)
-    index = index_dict(dataset) if dataset.images is None else None
+    files = dataset if dataset.images is None else None
     dataset = loader.cache(dataset, preprocessing, config.cache_mb, workers, progress)
-    return PreparedData(dataset, splits, preprocessing, workers, index)
+    return PreparedData(dataset, splits, preprocessing, workers, files)
 
 
 def _input_size(config: TrainConfig, dataset: ImageSet) -> tuple[int, int]:

@@ -170,7 +170,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
             "epochs": config.epochs,
             "train_time_s": elapsed,
             "device": str(device),
-            "skipped_images": len(data.index["skipped"]) if data.index else 0,
+            "skipped_images": len(data.files.skipped) if data.files else 0,
             **peak_memory_mb(device),
         }
         save_weights(out / WEIGHTS, model, loss_fn)

@@ -44,7 +44,7 @@ def cli() -> None:
 @click.option("--input-size", default=None, help="Model input H[xW], e.g. 112 or 112x96  [default: the images' size, when they all share one]")
 @click.option("--resize-mode", type=click.Choice(list(RESIZE_MODES)), default=TRAIN.resize_mode, show_default=True, help="crop: shorter side to the input size, centre cropped; stretch: plain resize.")
 @click.option("--augment", type=click.Choice(list(AUGMENTS)), default=TRAIN.augment, show_default=True, help="Training batches only: light = random crop + flip; standard = + colour jitter.")
-@click.option("--workers", type=int, default=TRAIN.workers, help="Loader processes  [default: 0 for in-memory data, else cores - 1, at most 8]")
+@click.option("--workers", type=int, default=TRAIN.workers, help="Loader processes  [default: 0 for in-memory data without --augment, else cores - 1, at most 8]")
 @click.option("--cache-mb", type=float, default=TRAIN.cache_mb, show_default=True, help="Decode an image folder once into memory when it fits this many MB (0: stream from disk).")
 @click.option("--skip-bad", is_flag=True, default=TRAIN.skip_bad, help="Leave unreadable image files out (counted) instead of stopping.")
 @click.option("--loss", "loss_name", type=click.Choice(list(LOSSES)), default=TRAIN.loss, show_default=True)

@@ -6,14 +6,11 @@ import base64
 import html
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
+from device_bench.files import atomic_path
 
-from device_bench.files import atomic_path  # noqa: E402
+from ..plots import pyplot
 
 COLUMNS = (
     "loss", "dim", "format", "precision", "status", "P@1", "MAP@R", "TAR@FAR=1e-3", "ΔP@1 vs baseline",
@@ -59,11 +56,14 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_all(results: dict, out: Path, embeddings_2d: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple[str, str]]:
     """Write the report's figures; return (file name, caption) pairs."""
+    from matplotlib.ticker import NullFormatter
+
+    plt = pyplot()
     config, rows = results["config"], results["summary"]["rows"]
     figures = []
 
@@ -75,7 +75,7 @@ def plot_all(results: dict, out: Path, embeddings_2d: dict[str, tuple[np.ndarray
     ax.axhline(base["precision_at_1"]["mean"], color="grey", ls="--", label=f"triplet d={config['baseline_dim']}")
     ax.set(xscale="log", xlabel="embedding dim", ylabel="test precision@1", title="precision@1 vs embedding dim")
     ax.set_xticks(config["dims"], [str(d) for d in config["dims"]])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend()
     _save(fig, out / "p1_vs_dim.png")
     figures.append(("p1_vs_dim.png", "precision_at_1 against embedding dimension (mean ± 95% CI over seeds)"))
