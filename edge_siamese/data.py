@@ -154,7 +154,8 @@ def load_npz(path: Path) -> ImageSet:
     return ImageSet(labels.astype(np.int64), class_names, scale, int(images.shape[3]), images=images)
 
 
-def _as_list(batch: list) -> list:
+def whole_batch(batch):
+    """A DataLoader's ``collate_fn`` for datasets that hand over their batches already made."""
     return batch
 
 
@@ -178,7 +179,7 @@ def _index_files(source: str, root: Path, relative: list[str], labels: list[str]
     """Decode every file once (in ``workers`` processes): the readable ones with their sizes and
     labels; an unreadable one is a UserError, or with ``skip_bad`` left out and counted."""
     files = [root / r for r in relative]
-    loader = DataLoader(_Probe(files), batch_size=64, num_workers=workers, collate_fn=_as_list)
+    loader = DataLoader(_Probe(files), batch_size=64, num_workers=workers, collate_fn=whole_batch)
     bar = progress_bar(len(files), f"indexing {source}", progress, unit="image")
     results = []
     for batch in loader:
@@ -218,6 +219,12 @@ def _folder_files(root: Path) -> tuple[list[str], list[str]]:
     return relative, labels
 
 
+def stays_inside(relative: str) -> bool:
+    """Whether a path read from a file (a list, an index) names something under its folder."""
+    parts = Path(relative).parts
+    return bool(parts) and not Path(relative).is_absolute() and ".." not in parts
+
+
 def read_list(path: Path, header: tuple[str, ...]) -> list[list[str]]:
     """The rows of a CSV or TSV list (tab-separated when its first line has a tab), each with
     ``len(header)`` fields; a first row equal to ``header`` is skipped. Paths in it are relative
@@ -238,6 +245,8 @@ def read_list(path: Path, header: tuple[str, ...]) -> list[list[str]]:
         if len(row) != len(header):
             raise UserError(f"{path}:{n} has {len(row)} field(s) where {len(header)} ({','.join(header)}) are expected: fix that line")
         for name, value in zip(header, row):
+            if name.startswith("path") and not stays_inside(value):
+                raise UserError(f"{path}:{n}: {value} leaves the list's folder: write paths relative to {path.parent}, without '..'")
             if name.startswith("path") and not (path.parent / value).is_file():
                 raise UserError(f"{path}:{n}: {value} does not exist (paths are relative to {path.parent}): fix the list or move the file")
         out.append(row)
@@ -283,6 +292,8 @@ def from_index(name: str, index: dict) -> ImageSet:
                           skipped=[str(s) for s in index["skipped"]])
         if not (len(images.paths) == len(labels) == len(images.sizes)) or labels.min() < 0 or labels.max() >= len(images.class_names):
             raise ValueError("its paths, labels and sizes do not match")
+        if outside := [p for p in images.paths if not stays_inside(str(p))][:1]:
+            raise ValueError(f"{outside[0]} is not under the dataset's folder")
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"the run's {INDEX} is corrupt ({exc}): train the run again") from None
     return images

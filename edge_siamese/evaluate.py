@@ -33,12 +33,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def embedding_metrics(embeddings: np.ndarray, labels: np.ndarray, distance: BaseDistance, **kwargs) -> dict:
-    """Every retrieval metric of ``embeddings`` under ``distance``, as a device computes it."""
+def _finite(embeddings: np.ndarray) -> np.ndarray:
+    """``embeddings`` if every value is finite, else a UserError: NaN would pass every metric's gate."""
     try:
-        check_finite(embeddings, "the model's embeddings")
+        return check_finite(embeddings, "the model's embeddings")
     except ValueError as exc:
         raise UserError(f"{exc}: the model's weights are not finite; train it again with a lower --lr") from None
+
+
+def embedding_metrics(embeddings: np.ndarray, labels: np.ndarray, distance: BaseDistance, **kwargs) -> dict:
+    """Every retrieval metric of ``embeddings`` under ``distance``, as a device computes it."""
+    _finite(embeddings)
     return retrieval_metrics(embeddings, labels, distance.name, distance.weights_array(), **kwargs)
 
 
@@ -93,11 +98,7 @@ def evaluate_pairs(run_dir: Path, pairs: Path, device: str = "auto") -> dict:
     files = sorted({p for row in rows for p in row[:2]})
     images = ImageSet(np.zeros(len(files), dtype=np.int64), ["pairs"], 1 / 255, run.preprocessing.channels,
                       root=Path(pairs).parent, paths=np.asarray(files), sizes=np.zeros((len(files), 2), dtype=np.int64))
-    emb = embed_batches(run.model, batches(images, np.arange(len(files)), run.preprocessing, default_workers(False)))
-    try:
-        check_finite(emb, "the model's embeddings")
-    except ValueError as exc:
-        raise UserError(f"{exc}: the model's weights are not finite; train it again with a lower --lr") from None
+    emb = _finite(embed_batches(run.model, batches(images, np.arange(len(files)), run.preprocessing, default_workers(False))))
     where = {p: i for i, p in enumerate(files)}
     first, second = (np.asarray([where[row[k]] for row in rows]) for k in (0, 1))
     d = rowwise_distances(emb[first], emb[second], run.loss.distance.name, run.loss.distance.weights_array())

@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from device_bench.preprocessing import ImageError, Preprocessing
 
 from .augment import augmentation
-from .data import ImageSet, PKSampler
+from .data import ImageSet, PKSampler, whole_batch
 from .errors import UserError
 from .progress import progress_bar
 
@@ -63,14 +63,6 @@ class ImageDataset(Dataset):
         inputs = self.preprocessing(images) if self.normalise else images
         return torch.from_numpy(inputs), torch.from_numpy(self.images.labels[self.rows[rows]])
 
-    def __getitem__(self, key):
-        inputs, labels = self.__getitems__([key])
-        return inputs[0], labels[0]
-
-
-def _whole(batch):
-    return batch  # ImageDataset.__getitems__ returns the batch already collated
-
 
 class Batches(DataLoader):
     """A DataLoader of ``ImageDataset`` batches that raises an unreadable image's message as one line."""
@@ -104,7 +96,7 @@ def train_loader(images: ImageSet, rows: np.ndarray, preprocessing: Preprocessin
     """The training batches of ``sampler`` (call ``loader.batch_sampler.set_epoch`` before each epoch)."""
     dataset = ImageDataset(images, rows, preprocessing, augment)
     batch_sampler = sampler if dataset.augment is None else KeyedBatches(sampler)
-    return Batches(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_whole)
+    return Batches(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=whole_batch)
 
 
 def batches(images: ImageSet, rows: np.ndarray, preprocessing: Preprocessing, workers: int, batch_size: int = 256, normalise: bool = True) -> DataLoader:
@@ -112,7 +104,7 @@ def batches(images: ImageSet, rows: np.ndarray, preprocessing: Preprocessing, wo
     ``normalise=False`` the raw images at the input size, (B, H, W, C)."""
     sampler = BatchSampler(range(len(rows)), batch_size, drop_last=False)
     dataset = ImageDataset(images, rows, preprocessing, normalise=normalise)
-    return Batches(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_whole)
+    return Batches(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=whole_batch)
 
 
 def cache(images: ImageSet, preprocessing: Preprocessing, budget_mb: float, workers: int, progress: bool) -> ImageSet:

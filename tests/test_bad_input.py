@@ -346,6 +346,16 @@ def _(t):
     return Case(train(t, "--dataset", root.parent / "list.csv"), ("list.csv:10", "gone.png", "does not exist"))
 
 
+@case("train-list-naming-a-file-outside-its-folder")
+def _(t):
+    root = image_folder(t)
+    outside = t.folder("elsewhere")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside / "x.png")
+    rows = [f"{p.relative_to(root.parent)},{p.parent.name}" for p in sorted(root.rglob("*.png"))] + [f"{outside}/x.png,a"]
+    (root.parent / "list.csv").write_text("\n".join(rows) + "\n")
+    return Case(train(t, "--dataset", root.parent / "list.csv"), ("list.csv:9", "leaves the list's folder"))
+
+
 @case("train-list-with-a-missing-column")
 def _(t):
     root = image_folder(t)

@@ -156,7 +156,13 @@ def test_pk_sampler_batches_are_class_balanced_and_seeded():
     assert batches != list(sampler)
 
 
-@pytest.mark.parametrize("edit", [lambda i: i.pop("sizes"), lambda i: i.update(labels=[7] * len(i["labels"])), lambda i: i.update(paths=i["paths"][:-1])])
+@pytest.mark.parametrize("edit", [
+    lambda i: i.pop("sizes"),
+    lambda i: i.update(labels=[7] * len(i["labels"])),
+    lambda i: i.update(paths=i["paths"][:-1]),
+    lambda i: i["paths"].__setitem__(0, "../../etc/passwd"),
+    lambda i: i["paths"].__setitem__(0, "/etc/passwd"),
+])
 def test_a_corrupt_index_is_one_clear_error(tmp_path, edit):
     index = index_dict(load_dataset(str(photo_folder(tmp_path / "photos"))))
     edit(index)
