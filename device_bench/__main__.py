@@ -19,7 +19,7 @@ from .errors import describe_os_error
 from .files import json_text, new_file_problem, write_json
 from .formats import FILE_PRECISIONS, FORMATS
 from .manifest import BundleError, read_bundle
-from .runtimes import RUNTIMES
+from .runtimes import ORT_MEMORY, RUNTIMES
 
 
 def run_child(bundle: Path, file: str, settings: dict) -> dict:
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default=",".join(FILE_PRECISIONS), help="comma-separated precisions (default: all in the bundle)")
     p.add_argument("--runtime", choices=list(RUNTIMES), default=None, help="force one runtime")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
+    p.add_argument("--ort-memory", choices=list(ORT_MEMORY), default="default", help="ONNX Runtime session memory: lean = no arena, no memory pattern (less RSS, some latency)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=None, help="timed runs per batch size (default 50)")
     p.add_argument("--min-seconds", type=float, default=None, help="time each batch size for this long instead of --runs")
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "runtime": args.runtime,
         "threads": args.threads,
+        "ort_memory": args.ort_memory,
         "batch": args.batch,
         "warmup": args.warmup,
         "runs": args.runs,

@@ -106,6 +106,7 @@ def bench_file(
     runs: int | None,
     min_seconds: float | None,
     gallery: list[int],
+    ort_memory: str = "default",
 ) -> dict:
     """One model file, measured in this process (the parent gives each file a fresh one)."""
     before = memory_mb()
@@ -113,7 +114,7 @@ def bench_file(
     entry = next(e for e in bundle.files if e["path"] == file)
     row: dict = {"file": file, "format": entry["format"], "precision": entry["precision"], "size_bytes": entry["size_bytes"]}
     t0 = time.perf_counter()
-    model = open_runtime(bundle.path / file, entry["format"], runtime, threads)
+    model = open_runtime(bundle.path / file, entry["format"], runtime, threads, ort_memory)
     row["runtime"], row["runtime_version"] = model.name, model.version
     row["init_ms"] = (time.perf_counter() - t0) * 1000
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import MANIFEST, NUMBER, Bundle, BundleError, check_schema, sha256_file
+from .manifest import MANIFEST, NUMBER, Bundle, BundleError, Optional, check_schema, sha256_file
 
 BENCH_SCHEMA_VERSION = 2  # 2: row statuses are STATUSES' words (verified, failed, not_measured)
 ROW_STATUSES = ("verified", "failed", "not_measured")
@@ -41,7 +41,7 @@ RESULT = {
     "schema_version": (int,),
     "target": {"name": (str,), "emulated": (bool,)},
     "bundle": {"path": (str,), "manifest_sha256": (str,), "loss": (str,), "embedding_dim": (int,), "distance": (str,)},
-    "settings": {"runtime": (str, type(None)), "threads": (int, type(None)), "batch": (list,), "warmup": (int,), "runs": (int, type(None)), "min_seconds": (float, int, type(None)), "gallery": (list,)},
+    "settings": {"runtime": (str, type(None)), "threads": (int, type(None)), "ort_memory": Optional((str,)), "batch": (list,), "warmup": (int,), "runs": (int, type(None)), "min_seconds": (float, int, type(None)), "gallery": (list,)},
     "environment": {"machine": (str,), "cpu": (str,), "cores": (int, type(None)), "ram_mb": (float, int, type(None)), "os": (str,), "python": (str,), "numpy": (str,), "threads": (int, type(None))},
     "rows": (list,),
 }

@@ -19,31 +19,34 @@ class Embedder:
     """Load a bundle (sha256-checked) and one of its model files; embed, compare and verify images.
 
     ``file`` is a file name of the bundle (default: the first ``verified`` file that an installed
-    runtime can run); ``runtime`` forces one runtime (``onnxruntime``, ``litert``, ``tflite-runtime``).
+    runtime can run); ``runtime`` forces one runtime (``onnxruntime``, ``litert``, ``tflite-runtime``);
+    ``ort_memory="lean"`` trades some ONNX Runtime latency for less memory (``runtimes.ORT_MEMORY``).
     """
 
-    def __init__(self, bundle: str | Path | Bundle, file: str | None = None, runtime: str | None = None, threads: int | None = None):
+    def __init__(
+        self, bundle: str | Path | Bundle, file: str | None = None, runtime: str | None = None, threads: int | None = None, ort_memory: str = "default"
+    ):
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(Path(bundle))
-        self.entry, self.runtime = self._open(file, runtime, threads)
+        self.entry, self.runtime = self._open(file, runtime, threads, ort_memory)
         self.preprocessing = self.bundle.preprocessing
         embedding = self.bundle.manifest["embedding"]
         self.distance_name = embedding["distance"]
         weights = embedding["distance_weights"]
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
 
-    def _open(self, file: str | None, runtime: str | None, threads: int | None) -> tuple[dict, object]:
+    def _open(self, file: str | None, runtime: str | None, threads: int | None, ort_memory: str) -> tuple[dict, object]:
         """The chosen file's entry and its opened runtime (each candidate is opened once)."""
         files = self.bundle.files
         if file is not None:
             for entry in files:
                 if entry["path"] == file:
-                    return entry, open_runtime(self.bundle.path / file, entry["format"], runtime, threads)
+                    return entry, open_runtime(self.bundle.path / file, entry["format"], runtime, threads, ort_memory)
             raise BundleError(f"{file} is not in the bundle: choose one of {', '.join(e['path'] for e in files)}")
         usable = [e for e in files if e["status"] == "verified" and (runtime is None or runtime in FORMATS[e["format"]].runtimes)]
         errors = []
         for entry in usable:
             try:
-                return entry, open_runtime(self.bundle.path / entry["path"], entry["format"], runtime, threads)
+                return entry, open_runtime(self.bundle.path / entry["path"], entry["format"], runtime, threads, ort_memory)
             except BundleError as exc:
                 errors.append(str(exc))
         reason = errors[-1] if errors else f"no verified file runs with {runtime}"

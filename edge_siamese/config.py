@@ -11,7 +11,8 @@ from .augment import AUGMENTS
 from .errors import UserError
 from .losses import LOSSES
 from .miners import MINERS
-from .models import BACKBONES, HEADS, MAX_DIM, MIN_DIM, MIN_INPUT
+from .models import HEADS, MAX_DIM, MIN_DIM, MIN_INPUT, check_backbone
+from .timm_models import PREFIX as TIMM_PREFIX
 
 
 # The JSON types each annotation of TrainConfig accepts (an int is a float in JSON).
@@ -22,7 +23,7 @@ JSON_TYPES = {
 
 
 # Keys added after toolkit 0.1.0: a config.json without them gets their defaults, which are what it did.
-LATER_KEYS = ("input_size", "resize_mode", "augment", "skip_bad", "workers", "cache_mb")
+LATER_KEYS = ("input_size", "resize_mode", "augment", "skip_bad", "workers", "cache_mb", "pretrained", "freeze_backbone_epochs", "backbone_lr_mult")
 
 
 @dataclass
@@ -38,7 +39,10 @@ class TrainConfig:
     skip_bad: bool = False  # leave unreadable image files out (counted in index.json) instead of stopping
     workers: int | None = None  # loader processes; None: loader.default_workers
     cache_mb: float = 0  # decode a file set once into memory when it fits this many MB (0: never)
-    backbone: str = "convnet"
+    backbone: str = "convnet"  # a key of models.BACKBONES, or timm:NAME
+    pretrained: str | None = None  # a local weights file for a timm backbone (read when a run starts)
+    freeze_backbone_epochs: int = 0  # train only the embedding layer (and the loss) for this many epochs
+    backbone_lr_mult: float = 1.0  # the backbone's learning rate is lr times this
     embedding_dim: int = 8
     head: str | None = None  # None: the head the loss is meant for
     loss: str = "shadow"
@@ -60,8 +64,13 @@ class TrainConfig:
         """Raise a ``UserError`` naming the first bad field; return self."""
         if self.loss not in LOSSES:
             raise UserError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
-        if self.backbone not in BACKBONES:
-            raise UserError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
+        check_backbone(self.backbone)
+        if self.pretrained is not None and not self.backbone.startswith(TIMM_PREFIX):
+            raise UserError(f"--pretrained loads timm weights: use --backbone timm:NAME (not {self.backbone}), or drop --pretrained")
+        if not 0 <= self.freeze_backbone_epochs <= self.epochs:
+            raise UserError(f"--freeze-backbone-epochs {self.freeze_backbone_epochs} must lie between 0 and --epochs ({self.epochs})")
+        if not (math.isfinite(self.backbone_lr_mult) and self.backbone_lr_mult >= 0):
+            raise UserError(f"--backbone-lr-mult {self.backbone_lr_mult} must be a number >= 0, e.g. 0.1 to fine-tune gently")
         if self.head is not None and self.head not in HEADS:
             raise UserError(f"unknown head {self.head!r}: choose one of {', '.join(HEADS)}")
         if self.miner not in MINERS:

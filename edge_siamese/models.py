@@ -1,4 +1,5 @@
-"""Small embedding networks behind one registry: ``create_model("convnet", ...)``.
+"""Embedding networks behind one registry: ``create_model("convnet", ...)``, or any timm model
+as ``create_model("timm:mobilenetv3_small_100", ...)``.
 
 Every model is backbone -> global average pool -> linear -> head and exports to ONNX and
 TFLite as it is: no data-dependent control flow, and the L2 head is ``x / norm.clamp_min(eps)``
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import timm_models
 from .errors import UserError
 
 MIN_DIM, MAX_DIM = 2, 1024
@@ -109,22 +111,37 @@ class EmbeddingNet(nn.Module):
         self.head = HEADS[head].module()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(self.features(x).mean(dim=(2, 3))))
+        x = self.features(x)
+        if x.ndim == 4:  # the built-in backbones end in feature maps; timm's pool their own
+            x = x.mean(dim=(2, 3))
+        return self.head(self.embed(x))
+
+
+def check_backbone(name: str) -> str:
+    """``name`` if it is a registered backbone or ``timm:NAME`` of a timm model; else a UserError."""
+    if name.startswith(timm_models.PREFIX):
+        timm_models.model_name(name)
+    elif name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}, or timm:NAME for a timm model")
+    return name
 
 
 def create_model(
     name: str, in_channels: int, input_size: tuple[int, int], embedding_dim: int, head: str = "l2"
 ) -> EmbeddingNet:
-    """Build a registered backbone with an embedding layer and an output head (``l2``, ``sigmoid``, ``none``)."""
-    if name not in BACKBONES:
-        raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+    """Build a registered backbone (or ``timm:NAME``) with an embedding layer and an output head
+    (``l2``, ``sigmoid``, ``none``), with random weights."""
+    check_backbone(name)
     if head not in HEADS:
         raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
     if not MIN_DIM <= embedding_dim <= MAX_DIM:
         raise UserError(f"embedding dim {embedding_dim} is out of range: use {MIN_DIM} to {MAX_DIM}")
     if min(input_size) < MIN_INPUT:
         raise UserError(f"input size {input_size[0]}x{input_size[1]} is too small: images must be at least {MIN_INPUT}x{MIN_INPUT}")
-    features, width = BACKBONES[name].build(in_channels, input_size)
+    if name.startswith(timm_models.PREFIX):
+        features, width = timm_models.features(name, in_channels, input_size)
+    else:
+        features, width = BACKBONES[name].build(in_channels, input_size)
     return EmbeddingNet(features, width, embedding_dim, head)
 
 

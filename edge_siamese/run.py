@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from device_bench.preprocessing import Preprocessing
 
-from . import loader
+from . import loader, timm_models
 from .config import TrainConfig
 from .data import INDEX, ImageSet, PKSampler, from_index, index_dict, load_dataset, split_dataset
 from .errors import UserError
@@ -98,8 +98,13 @@ def prepare_data(config: TrainConfig, preprocessing: Preprocessing | None = None
 
 
 def _input_size(config: TrainConfig, dataset: ImageSet) -> tuple[int, int]:
-    """``--input-size``, else the images' own size when they all share one."""
-    size = tuple(config.input_size) if config.input_size else dataset.common_size
+    """``--input-size``, else the input size of the ``--pretrained`` weights, else the images' own
+    size when they all share one."""
+    if config.input_size:
+        return tuple(config.input_size)
+    if config.pretrained is not None:
+        return timm_models.pretrained_config(config.backbone)["input_size"]
+    size = dataset.common_size
     if size is None:
         (h1, w1), (h2, w2) = dataset.sizes[0], dataset.sizes[np.flatnonzero((dataset.sizes != dataset.sizes[0]).any(axis=1))[0]]
         raise UserError(f"the images of {config.dataset} have several sizes (e.g. {h1}x{w1} and {h2}x{w2}, HxW): pass --input-size H[xW], e.g. --input-size 112")
@@ -108,8 +113,15 @@ def _input_size(config: TrainConfig, dataset: ImageSet) -> tuple[int, int]:
 
 def _measure(config: TrainConfig, dataset: ImageSet, size: tuple[int, int], train_rows: np.ndarray, workers: int) -> Preprocessing:
     """The preprocessing of a new run: its input size and resize mode, and the per-channel mean
-    and std of (at most ``STATS_SAMPLES``) training images at that size."""
+    and std of (at most ``STATS_SAMPLES``) training images at that size; with pretrained weights,
+    the mean and std those were trained with (averaged over RGB for grey data)."""
     channels = dataset.channels
+    if config.pretrained is not None:
+        cfg = timm_models.pretrained_config(config.backbone)
+        mean, std = cfg["mean"], cfg["std"]
+        if channels != len(mean):
+            mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
+        return Preprocessing(size, channels, dataset.scale, tuple(map(float, mean)), tuple(map(float, std)), config.resize_mode)
     sample = train_rows
     if len(sample) > STATS_SAMPLES:
         sample = np.sort(np.random.default_rng(config.split_seed).choice(train_rows, STATS_SAMPLES, replace=False))

@@ -18,7 +18,7 @@ import torch
 from device_bench.bench import memory_mb, reset_peak_rss
 from device_bench.files import write_json
 
-from . import __version__
+from . import __version__, timm_models
 from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
 from .config import TrainConfig
 from .data import INDEX, PKSampler
@@ -76,15 +76,27 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
         check_replaceable(out, CONFIG, force, ", or --resume to continue it")
         preprocessing, state, index = None, None, None
     config.validate()
+    if state is None and config.pretrained is not None:
+        timm_models.check_pretrained(config.pretrained)  # before the data is indexed
     device = resolve_device(config.device)
     reset_peak_rss()  # peak_rss_mb is this training's, not an earlier one's in the same process
     data = prepare_data(config, preprocessing, index, progress)
 
     torch.manual_seed(config.seed)
     model, loss_fn = build(config, data.preprocessing)
+    if state is None and config.pretrained is not None:
+        timm_models.load_pretrained(model.features, config.backbone, config.pretrained)
     model, loss_fn = model.to(device), loss_fn.to(device)
     miner = create_miner(config.miner, getattr(loss_fn, "margin", 0.2), loss_fn.distance)
-    optimizer = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=config.lr, weight_decay=config.weight_decay)
+    head_params = [p for name, p in model.named_parameters() if not name.startswith("features.")]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(model.features.parameters()), "lr": config.lr * config.backbone_lr_mult},
+            {"params": [*head_params, *loss_fn.parameters()]},
+        ],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
 
     train_labels = data.labels("train")
@@ -117,7 +129,11 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
         bar = progress_bar(total=(config.epochs - start_epoch) * num_batches, desc=f"{config.loss} d={config.embedding_dim}", enabled=progress, unit="batch")
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
+            frozen = epoch < config.freeze_backbone_epochs  # the backbone's weights and BatchNorm statistics stay
             model.train()
+            model.features.requires_grad_(not frozen)
+            if frozen:
+                model.features.eval()
             batches.batch_sampler.set_epoch(epoch)
             losses = []
             for step, (inputs, labels) in enumerate(batches):

@@ -10,6 +10,7 @@ import click
 from device_bench.errors import describe_os_error
 from device_bench.manifest import BundleError
 from device_bench.preprocessing import RESIZE_MODES
+from device_bench.runtimes import ORT_MEMORY
 from export.job import CALIB_SAMPLES
 
 from ..augment import AUGMENTS
@@ -49,7 +50,10 @@ def cli() -> None:
 @click.option("--skip-bad", is_flag=True, default=TRAIN.skip_bad, help="Leave unreadable image files out (counted) instead of stopping.")
 @click.option("--loss", "loss_name", type=click.Choice(list(LOSSES)), default=TRAIN.loss, show_default=True)
 @click.option("--dim", "embedding_dim", type=int, default=TRAIN.embedding_dim, show_default=True, help="Embedding dimension (2 to 1024).")
-@click.option("--backbone", type=click.Choice(list(BACKBONES)), default=TRAIN.backbone, show_default=True)
+@click.option("--backbone", default=TRAIN.backbone, show_default=True, help=f"{', '.join(BACKBONES)}, or timm:NAME for any timm model, e.g. timm:mobilenetv3_small_100.")
+@click.option("--pretrained", default=TRAIN.pretrained, help="A timm backbone's weights: a local .safetensors (or .pth) file; never downloaded. Its mean, std and input size become the defaults.")
+@click.option("--freeze-backbone-epochs", type=int, default=TRAIN.freeze_backbone_epochs, show_default=True, help="Train only the embedding layer for the first N epochs.")
+@click.option("--backbone-lr-mult", type=float, default=TRAIN.backbone_lr_mult, show_default=True, help="The backbone's learning rate is --lr times this.")
 @click.option("--head", type=click.Choice(list(HEADS)), default=TRAIN.head, help="Output head  [default: the loss's own]")
 @click.option("--epochs", type=int, default=TRAIN.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=TRAIN.batch_size, show_default=True, help="P x K: P classes of K samples.")
@@ -176,13 +180,14 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
 @click.option("--runs", type=int, default=BENCH.runs, show_default=True)
 @click.option("--gallery", default=listed(BENCH.gallery), show_default=True, help="Gallery sizes for 1:N search.")
 @click.option("--threads", type=int, default=BENCH.threads)
+@click.option("--ort-memory", type=click.Choice(list(ORT_MEMORY)), default=BENCH.ort_memory, show_default=True, help="ONNX Runtime session memory: lean = no arena and no memory pattern (less RSS, some latency).")
 @click.option("--cpu-model", default=BENCH.cpu_model, show_default=True, help="arm64-emulated: cortex-a72 (Pi 4) or cortex-a76 (Pi 5).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the JSON document here.")
 @click.option("--instructions", is_flag=True, default=BENCH.instructions, help="arm64-emulated: also count guest instructions per inference (deterministic ARM cost).")
 @click.option("--remote-python", default=BENCH.remote_python, show_default=True, help="ssh: the device's Python (e.g. a venv's bin/python).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, cpu_model, instructions, remote_python, json_path, force, quiet) -> None:
+def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gallery, threads, ort_memory, cpu_model, instructions, remote_python, json_path, force, quiet) -> None:
     """Benchmark a bundle on a target: this CPU, a CUDA GPU, emulated aarch64, or a device over ssh."""
     from device_bench.document import table
 
@@ -198,7 +203,7 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
         raise UserError(f"--threads {threads}: use at least 1, or leave it out for the runtime's default")
     if warmup < 0:
         raise UserError(f"--warmup {warmup}: use 0 or more")
-    settings = BenchSettings(ints(batch, "batch"), warmup, runs, ints(gallery, "gallery"), threads, formats, precision, run_dir, cpu_model, instructions, remote_python, not quiet)
+    settings = BenchSettings(ints(batch, "batch"), warmup, runs, ints(gallery, "gallery"), threads, ort_memory, formats, precision, run_dir, cpu_model, instructions, remote_python, not quiet)
     result = run_target(target, bundle, settings)
     if result["target"].get("emulated"):
         click.echo("emulated: times below are qemu's, not device latency")
@@ -219,7 +224,7 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True, help="paper: Fashion-MNIST, open set, 5 seeds, 30 epochs, dims 2-32 (for a GPU).")
 @click.option("--dataset", default=None, help=f"[default: {COMPARE.dataset}]")
 @click.option("--split", type=click.Choice(SPLITS), default=None, help=f"[default: {COMPARE.split}]")
-@click.option("--backbone", type=click.Choice(list(BACKBONES)), default=None, help=f"[default: {COMPARE.backbone}]")
+@click.option("--backbone", default=None, help=f"{', '.join(BACKBONES)} or timm:NAME  [default: {COMPARE.backbone}]")
 @click.option("--baseline-dim", type=int, default=None, help=f"Dim of the triplet baseline  [default: {COMPARE.baseline_dim}]")
 @click.option("--dims", default=None, help=f"Low dims, comma-separated  [default: {listed(COMPARE.dims)}]")
 @click.option("--losses", default=None, help=f"Comma-separated  [default: {listed(COMPARE.losses)}]")

@@ -23,6 +23,7 @@ class BenchSettings:
     runs: int = 50
     gallery: list[int] = field(default_factory=lambda: [1000, 10000, 100000])
     threads: int | None = None
+    ort_memory: str = "default"  # a key of device_bench.runtimes.ORT_MEMORY
     formats: str | None = None
     precision: str | None = None
     run_dir: Path | None = None  # cuda: the training run behind the bundle
@@ -35,6 +36,7 @@ class BenchSettings:
         """The ``python -m device_bench`` options."""
         args = ["--batch", ",".join(map(str, self.batches)), "--warmup", str(self.warmup), "--runs", str(self.runs), "--gallery", ",".join(map(str, self.gallery))]
         args += (["--format", self.formats] if self.formats else []) + (["--precision", self.precision] if self.precision else [])
+        args += ["--ort-memory", self.ort_memory] if self.ort_memory != "default" else []
         return args + (["--threads", str(self.threads)] if self.threads else [])
 
 
