@@ -122,7 +122,7 @@ def check_backbone(name: str) -> str:
     if name.startswith(timm_models.PREFIX):
         timm_models.model_name(name)
     elif name not in BACKBONES:
-        raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}, or timm:NAME for a timm model")
+        raise UserError(f"unknown backbone {name!r}: pass --backbone {', '.join(BACKBONES)}, or timm:NAME for a timm model")
     return name
 
 

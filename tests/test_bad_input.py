@@ -448,6 +448,48 @@ def _(t):
     return Case(edge_siamese("train", "--epochs", "1", "--quiet", "--out", ".", "--force"), ("--out",), cwd=photos)
 
 
+# --- train: timm backbones and their pretrained weights ------------------------------------------
+
+TIMM = ["--backbone", "timm:mobilenetv3_small_050", "--input-size", "16"]
+
+
+@case("train-timm-unknown-model")
+def _(t):
+    return Case(train(t, "--backbone", "timm:mobilenetv3_smal_050"), ("mobilenetv3_smal_050", "did you mean"))
+
+
+@case("train-pretrained-missing-file")
+def _(t):
+    return Case(train(t, *TIMM, "--pretrained", t.path("gone.safetensors")), ("gone.safetensors", "no such file"))
+
+
+@case("train-pretrained-hub-name")
+def _(t):
+    return Case(train(t, *TIMM, "--pretrained", "hf-hub:timm/mobilenetv3_small_050.lamb_in1k"), ("never downloads", "--pretrained FILE"))
+
+
+@case("train-pretrained-pickle-only")
+def _(t):
+    import torch
+
+    torch.save(torch.nn.Linear(2, 2), t.path("whole-model.pth"))  # a pickled module, not a state_dict
+    return Case(train(t, *TIMM, "--pretrained", t.path("whole-model.pth")), ("whole-model.pth", "pickled", "state_dict"))
+
+
+@case("train-pretrained-other-architecture")
+def _(t):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(2, 8)}, str(t.path("resnet.safetensors")))
+    return Case(train(t, *TIMM, "--pretrained", t.path("resnet.safetensors")), ("resnet.safetensors", "does not hold mobilenetv3_small_050 weights"))
+
+
+@case("train-pretrained-with-a-built-in-backbone")
+def _(t):
+    return Case(train(t, "--backbone", "convnet", "--pretrained", t.file("w.safetensors")), ("--pretrained", "timm:NAME"))
+
+
 # --- train --resume ----------------------------------------------------------------------------
 
 
