@@ -17,6 +17,23 @@ import pytest
 CLI = Path(sys.executable).parent / "edge-siamese"
 
 
+def colour_photos(root: Path, classes: int, per_class: int, noise: float, rng, modes=(("RGB", "jpg"),)) -> Path:
+    """``root/pCLASS/I.SUFFIX``: noisy images of one random colour a class, 20 to 89 pixels a side,
+    saved in ``modes`` (Pillow mode, suffix) in turn."""
+    import numpy as np
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"p{c}").mkdir(parents=True)
+        colour = rng.integers(30, 225, 3)
+        for i in range(per_class):
+            mode, suffix = modes[i % len(modes)]
+            h, w = rng.integers(20, 90, 2)
+            pixels = np.clip(colour + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).convert(mode).save(root / f"p{c}" / f"{i}.{suffix}")
+    return root
+
+
 def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the installed ``edge-siamese`` console script; ``check`` asserts exit status 0."""
     proc = subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, timeout=timeout)

@@ -9,9 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, colour_photos, run_cli
 from device_bench.embedder import Embedder
 from device_bench.metrics import verification_metrics
 from device_bench.preprocessing import read_image
@@ -20,24 +19,10 @@ from edge_siamese.checkpoints import load_run
 MODES = [("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png"), ("RGB", "webp")]
 
 
-def photo(rng, colour, height: int, width: int) -> Image.Image:
-    """A noisy image of one class's colour, a bright bar where the class puts it."""
-    pixels = np.clip(colour + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("photos") / "people"
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        (root / f"person{c}").mkdir(parents=True)
-        colour = rng.integers(30, 225, 3)
-        for i in range(15):  # 2 of them validation images
-            mode, suffix = MODES[i % len(MODES)]
-            h, w = rng.integers(20, 70, 2)
-            photo(rng, colour, h, w).convert(mode).save(root / f"person{c}" / f"{i}.{suffix}")
-    return root
+    """4 people of 15 photos, in every mode of MODES (2 of each validation images)."""
+    return colour_photos(tmp_path_factory.mktemp("photos") / "people", 4, 15, 25, np.random.default_rng(0), MODES)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +39,7 @@ def test_training_records_the_preprocessing_and_keeps_the_file_index(photo_run, 
     assert config["preprocessing"]["resize"] == [24, 20] and config["preprocessing"]["resize_mode"] == "crop"
     assert config["preprocessing"]["channels"] == 3  # colour files among them
     index = json.loads((photo_run / "index.json").read_text())
-    assert len(index["paths"]) == 60 and index["skipped"] == [] and index["paths"][0] == "person0/0.jpg"
+    assert len(index["paths"]) == 60 and index["skipped"] == [] and index["paths"][0] == "p0/0.jpg"
     assert json.loads((photo_run / "metrics.json").read_text())["skipped_images"] == 0
 
 
@@ -93,9 +78,9 @@ def test_a_moved_dataset_exports_from_the_index_and_the_device_reads_raw_photos(
 def test_a_file_that_went_bad_after_indexing_is_named(photo_run, photos, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(photos, broken)
-    for path in (broken / "person0").iterdir():  # some are in the test split, which export reads
+    for path in (broken / "p0").iterdir():  # some are in the test split, which export reads
         path.write_bytes(b"")
     proc = run_cli("export", photo_run, "--format", "onnx", "--calib-samples", "16", "--calib-data", broken, "--quiet",
                    "--out", tmp_path / "bundle", check=False)
-    assert_one_line_error(proc, "person0", "is not an image")
+    assert_one_line_error(proc, "p0", "is not an image")
     assert not (tmp_path / "bundle").exists()

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 timm = pytest.importorskip("timm")
 
-from conftest import run_cli  # noqa: E402
+from conftest import colour_photos, run_cli  # noqa: E402
 from device_bench.embedder import Embedder  # noqa: E402
 from edge_siamese.checkpoints import load_run  # noqa: E402
 from edge_siamese.config import TrainConfig  # noqa: E402
@@ -53,18 +53,7 @@ def weights(source, tmp_path_factory):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """4 classes of 20 colour photos of mixed sizes (2 of each validation images)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("timm-photos") / "photos"
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        (root / f"p{c}").mkdir(parents=True)
-        colour = rng.integers(30, 225, 3)
-        for i in range(20):
-            h, w = rng.integers(40, 90, 2)
-            pixels = np.clip(colour + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"p{c}" / f"{i}.jpg")
-    return root
+    return colour_photos(tmp_path_factory.mktemp("timm-photos") / "photos", 4, 20, 10, np.random.default_rng(0))
 
 
 def pooled(model, x):
@@ -173,7 +162,7 @@ def test_train_a_pretrained_timm_backbone_on_photos_then_export_int8_and_bench(w
 
     run = tmp_path / "run"
     run_cli("train", "--backbone", BACKBONE, "--pretrained", weights, "--dataset", photos, "--input-size", "32",
-            "--epochs", "3", "--batch-size", "16", "--samples-per-class", "4", "--backbone-lr-mult", "0.5", "--quiet", "--out", run)
+            "--epochs", "8", "--batch-size", "16", "--samples-per-class", "4", "--backbone-lr-mult", "0.5", "--lr", "3e-3", "--quiet", "--out", run)
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["pretrained"] == str(weights) and config["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     exported = run_cli("export", run, "--int8", "--format", "onnx", "--calib-samples", "48", "--quiet").stdout
