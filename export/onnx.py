@@ -87,7 +87,12 @@ def cpu_needs_reduce_range() -> bool:
 
 
 def export_int8(job: ExportJob, path: Path) -> None:
-    """ONNX Runtime static quantization: QDQ, int8 per-channel weights, int8 activations."""
+    """ONNX Runtime static quantization: QDQ, int8 per-channel weights, uint8 activations (U8S8).
+
+    ONNX Runtime's x86 int8 convolutions take uint8 activations (VNNI multiplies u8 by s8):
+    with int8 ones (S8S8) a MobileNetV3 kept 11 of its 53 Convs in float and gained 29 layout
+    Transposes, and ran slower in every paired measurement (docs/benchmarks.md), at the same
+    fidelity. ARM64's kernels take either."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -105,7 +110,7 @@ def export_int8(job: ExportJob, path: Path) -> None:
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         reduce_range=cpu_needs_reduce_range(),
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
     _finish(path, job.metadata)
