@@ -7,11 +7,15 @@ nothing is downloaded; or a built-in, ``mobilenet`` or ``convnet``), four stages
 1. fine-tune: ``edge_siamese.train.train`` on the photo folder of ``benchmarks/sample_photos.py``
    (``--classes`` x ``--per-class`` JPEGs, made once under ``--photos``), RGB at ``--input-size``
    (centre crop), ``--loss`` (triplet) with batch-all mining, embedding_dim 64, ``--epochs``
-   epochs of batches of 32 (8 classes x 4), lr 1e-3, seed 0, on the CPU with torch's default
-   threads. The split is the library's default: 20 % of each class held out for test, 10 % of the
-   rest for validation. ``params``: the parameters of the embedding model (backbone and embedding
-   layer); ``train s``: the run's ``train_time_s`` (its epochs with their validation, not the
-   indexing of the photos); ``torch P@1``: precision_at_1 of the PyTorch model on the test images.
+   epochs of batches of 32 (8 classes x 4), lr 1e-3, seed 0, on the CPU with ``--threads``
+   threads (``OMP_NUM_THREADS``; default: torch's own). The split is the library's default: 20 %
+   of each class held out for test, 10 % of the rest for validation. ``params``: the parameters
+   of the embedding model (backbone and embedding layer); ``train s``: the run's ``train_time_s``
+   (its epochs with their validation, not the indexing of the photos); ``torch P@1``: precision_at_1 of the PyTorch model on the test images;
+   ``torch cos between images``: the mean cosine between its embeddings of two different test
+   images. Near 1, the model maps every image alike and a file's cosine to it says little: the
+   default 32 x 32 photos give 23 steps an epoch, enough for BatchNorm's running statistics (what
+   the evaluated and exported model uses) to leave their initial values; a few steps do not.
 2. export: ``export.exporter.export_run`` writes each (format, precision) file (int8 calibrated on
    ``--calib-samples`` training images) and runs it on the test images (at most 500) in its
    runtime: ``mean cos`` and ``min cos`` of its embeddings to PyTorch's, ``P@1`` its
@@ -19,10 +23,11 @@ nothing is downloaded; or a built-in, ``mobilenet`` or ``convnet``), four stages
    precision's tolerances, ``device_bench.formats.PRECISIONS``), degraded (ran but missed one; the
    reason follows) or failed (no file; the reason follows). ``size KB``: the file's size.
 3. bench: ``python -m device_bench BUNDLE --batch 1 --runs N --gallery 1000``, which measures each
-   file in its own fresh process, ONNX files in ONNX Runtime and TFLite files in LiteRT, with the
-   runtimes' default threads. ``p50 ms``: the median of ``--runs`` timed inferences of one image
-   after 5 warm-up ones. ``peak RSS MB``: the peak resident memory of that process with the model
-   loaded and timed (Python, numpy and the runtime included; before the gallery is built).
+   file in its own fresh process, ONNX files in ONNX Runtime and TFLite files in LiteRT, with
+   ``--threads`` threads (default: the runtimes' own). ``p50 ms``: the median of ``--runs`` timed
+   inferences of one image after 5 warm-up ones. ``peak RSS MB``: the peak resident memory of
+   that process with the model loaded and timed (Python, numpy and the runtime included; before
+   the gallery is built).
 4. aarch64: ``edge_siamese.app.targets.instructions.count_instructions``: guest instructions per
    inference of one image on one thread, the same runtimes' aarch64 builds under qemu user-mode
    emulation of a ``--arm64-cpu`` core (two guest runs that differ by ``--arm64-runs``
@@ -33,7 +38,11 @@ Fine-tune and export run in a fresh process per backbone (this script with ``--c
 backbone that fails, or whose converter ends its process, is one row with its reason and the
 others still run. A failed stage is the row's or the cell's one-line reason; the script exits 0.
 
-    python benchmarks/backbones.py --markdown runs/backbones.md --json runs/backbones.json
+On a shared machine use ``--threads 1``: a busy core stalls every parallel region of a
+multi-threaded run (training a 112x112 MobileNetV3 under ``nice`` beside two busy processes took
+52 s on 2 threads, 6 s on 1).
+
+    python benchmarks/backbones.py --threads 1 --markdown runs/backbones.md --json runs/backbones.json
     python benchmarks/backbones.py --backbones timm:lcnet_100,mobilenet --input-size 64 --epochs 1 --no-arm64
 """
 
@@ -52,11 +61,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
+from sample_photos import photo_folder  # beside this script
+
 from device_bench.files import atomic_path, new_file_problem, write_json
 from device_bench.formats import FILE_PRECISIONS, FORMATS, file_name
-from edge_siamese.app.targets import instructions, rootfs
 from edge_siamese.errors import UserError, last_line
-from sample_photos import photo_folder  # beside this script
 
 BACKBONES = (
     "timm:mobilenetv3_small_100", "timm:mobilenetv3_large_100", "timm:mobilenetv4_conv_small", "timm:efficientnet_lite0",
@@ -97,6 +106,9 @@ class BackboneResult:
     backbone: str
     params: int | None = None
     train_s: float | None = None
+    # Near 1: the model maps every image alike (BatchNorm's running statistics after too few
+    # steps do that), and a file's cosine to PyTorch says little; its P@1 still does.
+    pair_cosine: float | None = None
     torch_precision_at_1: float | None = None
     error: str = ""
     bundle: str = ""
@@ -111,7 +123,7 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-# --- the child: fine-tune and export one backbone (this script with --case) ---
+# --- the child: fine-tune and export one backbone (this script with --case); it alone imports torch ---
 
 
 def fine_tune(backbone: str, run_dir: Path, args: argparse.Namespace) -> dict:
@@ -126,10 +138,23 @@ def fine_tune(backbone: str, run_dir: Path, args: argparse.Namespace) -> dict:
     return train(config, run_dir, force=True, progress=False)
 
 
-def parameter_count(run_dir: Path) -> int:
-    from edge_siamese.checkpoints import load_run
+def describe(run_dir: Path) -> tuple[int, float]:
+    """The trained model's parameter count, and the mean cosine between its embeddings of two
+    different test images (the images the exporter checks files on)."""
+    import numpy as np
+    import torch
 
-    return sum(p.numel() for p in load_run(run_dir).model.parameters())
+    from edge_siamese.checkpoints import load_run
+    from edge_siamese.models import embed
+    from edge_siamese.run import prepare_data, read_index
+    from export.exporter import FIDELITY_SAMPLES
+
+    run = load_run(run_dir)
+    data = prepare_data(run.config, run.preprocessing, read_index(run_dir))
+    embeddings = embed(run.model, torch.from_numpy(data.preprocessing(data.images("test", slice(0, FIDELITY_SAMPLES))))).numpy()
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    cosines, n = unit @ unit.T, len(unit)
+    return sum(p.numel() for p in run.model.parameters()), float((cosines.sum() - np.trace(cosines)) / (n * (n - 1)))
 
 
 def export(run_dir: Path, args: argparse.Namespace) -> tuple[list[FileRow], Path | None]:
@@ -150,12 +175,11 @@ def run_case(backbone: str, run_dir: Path, args: argparse.Namespace) -> Backbone
     """Fine-tune and export one backbone in this process (the child side of ``--case``)."""
     result = BackboneResult(backbone)
     try:
-        metrics = fine_tune(backbone, run_dir, args)
+        result.train_s = fine_tune(backbone, run_dir, args)["train_time_s"]
+        result.params, result.pair_cosine = describe(run_dir)
     except Exception as exc:  # the backbone's row says why; the parent goes on with the next one
         result.error = f"fine-tune failed: {one_line(exc)}"
         return result
-    result.train_s = metrics["train_time_s"]
-    result.params = parameter_count(run_dir)
     try:
         result.files, bundle = export(run_dir, args)
     except Exception as exc:
@@ -176,8 +200,9 @@ def spawn_case(backbone: str, run_dir: Path, args: argparse.Namespace) -> Backbo
         "--epochs", str(args.epochs), "--loss", args.loss, "--formats", ",".join(args.formats),
         "--precisions", ",".join(args.precisions), "--calib-samples", str(args.calib_samples),
     ]  # fmt: skip
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return BackboneResult(backbone, error=f"fine-tune and export took over {args.timeout_s:.0f} s")
     if done.returncode == 0 and done.stdout.strip():
@@ -191,10 +216,10 @@ def device_bench_rows(bundle: str, args: argparse.Namespace) -> tuple[dict, str]
     """``python -m device_bench``'s rows by (format, precision), or why there are none."""
     cmd = [
         sys.executable, "-m", "device_bench", bundle, "--json", "-", "--quiet",
-        "--batch", "1", "--runs", str(args.runs), "--gallery", str(GALLERY),
+        "--batch", "1", "--runs", str(args.runs), "--gallery", str(GALLERY), *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout_s)
     except subprocess.TimeoutExpired:
         return {}, f"device_bench took over {args.timeout_s:.0f} s"
     try:  # it exits 1 when a row is not verified, and still writes every row
@@ -218,6 +243,10 @@ def bench(result: BackboneResult, args: argparse.Namespace) -> None:
 
 def arm64_problem(cpu: str) -> str:
     """Why no instruction can be counted here ('' when qemu and the aarch64 userland are there)."""
+    from edge_siamese.app.targets import (
+        rootfs,  # the app's targets import torch: only when counting
+    )
+
     try:
         rootfs.qemu_binary()
         rootfs.prepare_rootfs(cpu=cpu, progress=False)  # built once (needs the network), then reused from the cache
@@ -228,6 +257,8 @@ def arm64_problem(cpu: str) -> str:
 
 def count(result: BackboneResult, args: argparse.Namespace) -> None:
     """Guest instructions per inference of each file of the bundle, on emulated aarch64."""
+    from edge_siamese.app.targets import instructions
+
     for f in result.files:
         if f.size_bytes is None:
             continue
@@ -250,12 +281,12 @@ def _num(value: float | None, spec: str, missing: str = "—") -> str:
 
 
 def backbone_table(results: list[BackboneResult]) -> str:
-    lines = ["| backbone | params (M) | train s | torch P@1 | result |", "|---|---:|---:|---:|---|"]
+    lines = ["| backbone | params (M) | train s | torch P@1 | torch cos between images | result |", "|---|---:|---:|---:|---:|---|"]
     for r in results:
         written = sum(f.size_bytes is not None for f in r.files)
         outcome = r.error or f"{written} of {len(r.files)} files written, {sum(f.status == 'verified' for f in r.files)} verified"
         params = None if r.params is None else r.params / 1e6
-        cells = [r.backbone, _num(params, ".2f"), _num(r.train_s, ".1f"), _num(r.torch_precision_at_1, ".3f"), outcome]
+        cells = [r.backbone, _num(params, ".2f"), _num(r.train_s, ".1f"), _num(r.torch_precision_at_1, ".3f"), _num(r.pair_cosine, ".3f"), outcome]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     return "\n".join(lines)
 
@@ -297,10 +328,10 @@ def machine() -> str:
 
 def document(results: list[BackboneResult], args: argparse.Namespace, machine_line: str, command: str, wall_s: float) -> str:
     return (
-        f"Machine: {machine_line}.\n\nCommand ({wall_s / 60:.0f} min): `{command}`\n\n"
-        f"Per backbone ({args.input_size}x{args.input_size} RGB, {args.epochs} epochs of {args.loss} from random weights, "
+        f"Machine: {machine_line}.\n\nCommand ({wall_s / 60:.0f} min; load average {os.getloadavg()[0]:.1f} at the end): `{command}`\n\n"
+        f"Per backbone ({args.input_size}x{args.input_size} RGB, {args.loss} loss, {args.epochs} epoch(s) from random weights, "
         f"{args.classes} classes x {args.per_class} photos):\n\n{backbone_table(results)}\n\n"
-        f"Per file (p50 and peak RSS: batch 1, {args.runs} runs, ONNX Runtime for onnx, LiteRT for tflite):\n\n"
+        f"Per file (p50 and peak RSS: batch 1, {args.runs} runs, {args.threads or 'default'} thread(s), ONNX Runtime for onnx, LiteRT for tflite):\n\n"
         f"{matrix_table(results, args.arm64_cpu)}\n"
     )
 
@@ -309,11 +340,13 @@ def document(results: list[BackboneResult], args: argparse.Namespace, machine_li
 
 
 def _names(allowed: tuple[str, ...]):
+    """A comma-separated list of names of ``allowed``, in its order (the exporter makes fp16 and int8 from fp32)."""
+
     def parse(text: str) -> list[str]:
-        names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-        if not names or any(n not in allowed for n in names):
+        names = {n.strip() for n in text.split(",") if n.strip()}
+        if not names or not names <= set(allowed):
             raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed)}")
-        return names
+        return [n for n in allowed if n in names]
 
     return parse
 
@@ -331,8 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=32, help="photos per class")
     p.add_argument("--photos", type=Path, help=f"the photo folder (made there unless already made; default {PHOTOS}/CLASSESxPER_CLASS)")
     p.add_argument("--runs", type=int, default=50, help="timed inferences per file (device_bench --runs)")
+    p.add_argument("--threads", type=int, help="threads of training and of the runtimes (default: their own; 1 on a shared machine)")
     p.add_argument("--no-arm64", action="store_true", help="do not count aarch64 instructions")
-    p.add_argument("--arm64-cpu", choices=list(rootfs.CPUS), default="cortex-a72", help="the core qemu models")
+    p.add_argument("--arm64-cpu", default="cortex-a72", help="the core qemu models: cortex-a72 (Pi 4) or cortex-a76 (Pi 5)")
     p.add_argument("--arm64-runs", type=int, default=20, help="inferences the two guest runs differ by")
     p.add_argument("--work", type=Path, default=Path("runs/backbones"), help="where the runs and bundles go (one folder per backbone)")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="limit of one backbone's fine-tune and export, and of its bench")
@@ -344,6 +378,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.backbones = list(dict.fromkeys(b.strip() for b in args.backbones.split(",") if b.strip()))
     args.photos = args.photos or PHOTOS / f"{args.classes}x{args.per_class}"
+    if not args.no_arm64 and not args.case:
+        from edge_siamese.app.targets.rootfs import (
+            CPUS,  # the app's targets import torch: only when counting
+        )
+
+        if args.arm64_cpu not in CPUS:
+            p.error(f"--arm64-cpu {args.arm64_cpu!r}: choose {' or '.join(CPUS)}")
+    if "fp32" not in args.precisions:
+        p.error("--precisions needs fp32: the exporter makes the fp16 and int8 files from the fp32 one")
     for path in (args.markdown, args.json):
         if path and (problem := new_file_problem(path, args.force)):
             p.error(problem)
