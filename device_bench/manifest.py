@@ -38,6 +38,7 @@ FIDELITY = {
     "mean_cosine": NUMBER,
     "min_cosine": NUMBER,
     "max_abs_diff": NUMBER,
+    "relative_error": Optional(NUMBER),
     "top1_neighbour_agreement": NUMBER,
     "precision_at_1": NUMBER,
     "reference_precision_at_1": NUMBER,
@@ -52,6 +53,7 @@ FILE = {
     "input": QUANT_IO,
     "output": QUANT_IO,
     "fidelity": FIDELITY,
+    "int8": Optional((dict,)),  # int8 files: what the int8 search chose and tried (export.quantize)
 }
 DATA_FILE = {"path": (str,), "sha256": (str,), "num_samples": (int,)}
 SCHEMA = {

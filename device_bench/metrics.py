@@ -317,6 +317,18 @@ def _nearest_other(emb, distance, weights) -> np.ndarray:
     return nearest
 
 
+def _mean_distance_between_rows(emb, distance, weights) -> float:
+    """The mean distance from each row of ``emb`` to every other row (0 for one row)."""
+    total = 0.0
+
+    def add_chunk(rows, d):
+        nonlocal total
+        total += d[np.isfinite(d)].sum()  # leave_one_out: a row's distance to itself is inf
+
+    _each_chunk(emb, distance, weights, True, add_chunk)
+    return total / max(len(emb) * (len(emb) - 1), 1)
+
+
 def embedding_agreement(
     embeddings: np.ndarray,
     reference: np.ndarray,
@@ -326,8 +338,13 @@ def embedding_agreement(
 ) -> dict:
     """How closely ``embeddings`` (an exported model's) follow ``reference`` (the trained model's).
 
-    Per-row cosine (mean, min) and largest absolute difference; the fraction of rows whose
-    nearest other row is the same in both; with ``labels``, ``precision_at_1`` of both.
+    Per-row cosine (mean, min) and largest absolute difference; ``relative_error``, the mean
+    Euclidean distance from each reference row to its exported row over the mean Euclidean
+    distance between two different reference rows: a cosine near 1 says nothing when every image
+    maps near the same point, this does (Euclidean whatever the model's distance: cosine and
+    Shadow distances grow with the square of a small error, or miss its orthogonal part); the
+    fraction of rows whose nearest other row is the same in both; with ``labels``,
+    ``precision_at_1`` of both.
     """
     emb = check_finite(np.asarray(embeddings, dtype=np.float64), "embeddings")
     ref = check_finite(np.asarray(reference, dtype=np.float64), "reference embeddings")
@@ -337,6 +354,7 @@ def embedding_agreement(
         "mean_cosine": float(cos.mean()),
         "min_cosine": float(cos.min()),
         "max_abs_diff": float(np.abs(emb - ref).max()),
+        "relative_error": float(np.linalg.norm(emb - ref, axis=1).mean() / max(_mean_distance_between_rows(ref, "euclidean", None), _EPS)),
     }
     same = _nearest_other(emb, distance, weights) == _nearest_other(ref, distance, weights)
     out["top1_neighbour_agreement"] = float(same.mean())

@@ -38,7 +38,7 @@ from edge_siamese.run import prepare_data, read_index
 from . import bundle
 from . import onnx as onnx_export
 from . import tflite as tflite_export
-from .job import CALIB_SAMPLES, ExportJob
+from .job import CALIB_SAMPLES, ExportJob, Gate
 
 # One writer module per entry of FORMATS; each has EXPORTS, a writer per precision of its format.
 WRITERS = {"onnx": onnx_export, "tflite": tflite_export}
@@ -55,20 +55,7 @@ class Row:
     fidelity: dict = field(default_factory=dict)
     entry: dict = field(default_factory=dict)
     problem: str = ""
-
-
-def check_fidelity(precision: str, fid: dict) -> str:
-    """'' when the exported file is faithful enough for its precision, else what is off."""
-    tolerance = PRECISIONS[precision]
-    problems = []
-    if fid["mean_cosine"] < tolerance.min_mean_cosine:
-        problems.append(f"mean cosine {fid['mean_cosine']:.5f} < {tolerance.min_mean_cosine}")
-    drop = fid["reference_precision_at_1"] - fid["precision_at_1"]
-    if drop > tolerance.max_precision_at_1_drop + 1e-12:
-        problems.append(f"precision_at_1 {fid['precision_at_1']:.4f} is {drop:.4f} below PyTorch's")
-    if tolerance.max_abs_diff is not None and fid["max_abs_diff"] > tolerance.max_abs_diff:
-        problems.append(f"max |diff| {fid['max_abs_diff']:.2e} > {tolerance.max_abs_diff}")
-    return "; ".join(problems)
+    int8: dict | None = None  # the int8 search's record (export.quantize), for int8 files
 
 
 @contextmanager
@@ -147,17 +134,18 @@ def export_run(
     if len(train_idx) < calib_samples:
         raise UserError(f"--calib-samples {calib_samples} is more than the {len(train_idx)} training images: lower it")
     rng = np.random.default_rng(0)  # only the chosen images are preprocessed, not whole splits
-    calibration = data.inputs("train", np.sort(rng.choice(len(train_idx), calib_samples, replace=False))).numpy()
+    calibration_order = rng.permutation(len(train_idx))  # int8 calibrates on its first images
+
+    def calibration_images(n: int) -> np.ndarray:
+        return data.inputs("train", np.sort(calibration_order[:n])).numpy()
+
     held_out = slice(0, FIDELITY_SAMPLES)
     raw = data.images("test", held_out)  # at the input size, as eval.npz and golden.npz keep them
     test_x, test_y = torch.from_numpy(data.preprocessing(raw)), data.labels("test", held_out)
 
     distance, weights = run.loss.distance.name, run.loss.distance.weights_array()
-    reference = embed(run.model, test_x).numpy()
-    try:
-        check_finite(reference, "the trained model's embeddings of the held-out images")
-    except ValueError as exc:
-        raise UserError(f"{exc}: the model's weights are not finite; train it again with a lower --lr") from None
+    reference = _reference(run.model, test_x)
+    validation = _gate(run.model, data, calibration_order[::-1], distance, weights)
     final = _final_metrics(run, data)
     check_free_space(out, run.model, len(formats) * len(precisions), raw.nbytes)
 
@@ -170,7 +158,7 @@ def export_run(
     }
 
     tmp = bundle.staging_dir(out)
-    job = ExportJob(run.model, test_x, calibration, metadata, tmp)
+    job = ExportJob(run.model, test_x, calibration_images(calib_samples), metadata, tmp, validation, calibration_images)
     try:
         rows = []
         bar = progress_bar(len(formats) * len(precisions), "export", enabled=progress, unit="file")
@@ -181,11 +169,11 @@ def export_run(
                 bar.set_postfix_str(f"{fmt} {precision}")
                 try:
                     with _converter_output_silenced():
-                        WRITERS[fmt].EXPORTS[precision](job, tmp / file_name(fmt, precision))
+                        row.int8 = WRITERS[fmt].EXPORTS[precision](job, tmp / file_name(fmt, precision))
                         runtime = open_runtime(tmp / file_name(fmt, precision), fmt)
                         outputs = runtime.run(test_x.numpy())
                     row.fidelity = embedding_agreement(outputs, reference, test_y, distance, weights)
-                    row.problem = check_fidelity(precision, row.fidelity)
+                    row.problem = PRECISIONS[precision].problems(row.fidelity)
                     row.status = "degraded" if row.problem else "verified"
                     row.entry = {
                         **bundle.file_entry(tmp, file_name(fmt, precision)),
@@ -194,6 +182,7 @@ def export_run(
                         "status": row.status,
                         **runtime.io_details(),
                         "fidelity": row.fidelity,
+                        **({"int8": row.int8} if row.int8 else {}),
                     }
                 except Exception as exc:  # one row's failure is reported in its row, not lost
                     if isinstance(exc, (UserError, OSError)):  # the user's to fix, or the disk's: not this row's
@@ -221,6 +210,26 @@ def export_run(
         return rows, bundle.commit(tmp, out, manifest, make_zip)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reference(model: torch.nn.Module, inputs: torch.Tensor) -> np.ndarray:
+    """The trained model's embeddings of ``inputs``, every exported file's reference."""
+    try:
+        return check_finite(embed(model, inputs).numpy(), "the trained model's embeddings of the held-out images")
+    except ValueError as exc:
+        raise UserError(f"{exc}: the model's weights are not finite; train it again with a lower --lr") from None
+
+
+def _gate(model: torch.nn.Module, data, spare_train: np.ndarray, distance: str, weights) -> Gate:
+    """The int8 search's images: up to ``FIDELITY_SAMPLES`` of the validation split, topped up with
+    training images (``spare_train``, those calibration reaches last, first) when it holds fewer,
+    so that a small validation split does not leave the search measuring a handful of images.
+    Never the test images, whose check is the final verdict."""
+    val = np.sort(np.random.default_rng(1).permutation(len(data.splits["val"]))[:FIDELITY_SAMPLES])
+    train = np.sort(spare_train[: FIDELITY_SAMPLES - len(val)])
+    inputs = torch.cat([data.inputs("val", val), data.inputs("train", train)])
+    labels = np.concatenate([data.labels("val", val), data.labels("train", train)])
+    return Gate(inputs.numpy(), labels, _reference(model, inputs), distance, weights)
 
 
 def _final_metrics(run, data) -> dict:

@@ -169,10 +169,11 @@ class Ctx:
         return path
 
     def run_copy(self, name: str = "run", skip: tuple[str, ...] = ()) -> Path:
-        """The shared run's files (not its bundle or other folders) in a folder of this case."""
+        """The shared run's files (not its bundle, other folders, or the evaluation results other
+        modules' tests may have written into it) in a folder of this case."""
         dest = self.folder(name)
         for path in self.run.iterdir():
-            if path.is_file() and path.name not in skip:
+            if path.is_file() and path.name not in skip and not path.name.startswith("evaluation"):
                 shutil.copy2(path, dest / path.name)
         return dest
 

@@ -154,7 +154,7 @@ def test_result_validates_and_every_file_is_a_verified_row(torch_free_run):
     assert result["target"] == {"name": "local", "emulated": False}
     assert result["bundle"]["manifest_sha256"] == sha256_file(torch_free_run["bundle"] / MANIFEST)
     assert (result["bundle"]["loss"], result["bundle"]["embedding_dim"], result["bundle"]["distance"]) == ("shadow", 8, "cosine")
-    assert result["settings"] == {"runtime": None, "threads": None, "batch": [1, 4], "warmup": 1, "runs": 5, "min_seconds": None, "gallery": [1000]}
+    assert result["settings"] == {"runtime": None, "threads": None, "ort_memory": "default", "batch": [1, 4], "warmup": 1, "runs": 5, "min_seconds": None, "gallery": [1000]}
     assert [r["file"] for r in result["rows"]] == [e["path"] for e in manifest["files"]]
     assert {(e["format"], e["precision"]) for e in manifest["files"]} == {(f, p) for f in ("onnx", "tflite") for p in ("fp32", "int8")}
     for row, entry in zip(result["rows"], manifest["files"]):

@@ -24,6 +24,7 @@ from conftest import assert_one_line_error, flip_byte, run_cli
 from device_bench.formats import FORMATS, PRECISIONS, Precision, file_name
 from device_bench.manifest import MANIFEST, BundleError, read_bundle, sha256_file
 from device_bench.runtimes import open_runtime
+from export import onnx as onnx_export
 
 
 @dataclass
@@ -355,7 +356,7 @@ def run_cli_after(setup: str, *args: str) -> subprocess.CompletedProcess:
 # What an environment without the tflite extra looks like to find_spec and to import: None in
 # sys.modules (a meta-path finder cannot make find_spec answer None while the packages are installed).
 WITHOUT_TFLITE = "for name in ('litert_torch', 'ai_edge_quantizer', 'ai_edge_litert'):\n    sys.modules[name] = None"
-STRICT_INT8 = Precision(1, 0.999999, 0.0, None)  # no int8 file reaches a mean cosine of 0.999999
+STRICT_INT8 = Precision(1, 0.0, 1e-9, None, None)  # no int8 file reaches a relative error of 1e-9: the search runs out
 
 
 @pytest.fixture
@@ -492,9 +493,13 @@ def test_a_degraded_file_writes_no_bundle_unless_allowed(shadow_run, out_parent,
     assert_nothing_written(out_parent)
     assert [(r.format, r.precision, r.status) for r in rows] == [("onnx", "fp32", "verified"), ("onnx", "int8", "degraded")]
     int8 = rows[1]
-    assert int8.fidelity["mean_cosine"] < STRICT_INT8.min_mean_cosine
-    assert int8.problem.startswith(f"mean cosine {int8.fidelity['mean_cosine']:.5f} < {STRICT_INT8.min_mean_cosine}")
+    assert int8.fidelity["relative_error"] > STRICT_INT8.max_relative_error
+    assert f"relative error {int8.fidelity['relative_error']:.4f} > {STRICT_INT8.max_relative_error}" in int8.problem
     assert rows[0].problem == ""
+    search = int8.int8  # every recipe, then mixed precision, and the closest kept
+    assert [a["recipe"] for a in search["attempts"] if a["kind"] == "recipe"] == list(onnx_export.INT8_RECIPES)
+    assert {a["kind"] for a in search["attempts"]} == {"recipe", "sensitivity", "mixed"} and not search["passed_gate"]
+    assert not any(a["passed"] for a in search["attempts"] if a["kind"] != "sensitivity")
 
     rows, written = exporter.export_run(shadow_run, out, ["onnx"], ["fp32", "int8"], allow_degraded=True, progress=False)
     assert written == out and [r.status for r in rows] == ["verified", "degraded"]
@@ -502,6 +507,7 @@ def test_a_degraded_file_writes_no_bundle_unless_allowed(shadow_run, out_parent,
     assert bundle.file("onnx", "fp32")["status"] == "verified"
     assert bundle.file("onnx", "int8")["status"] == "degraded"
     assert bundle.file("onnx", "int8")["fidelity"] == rows[1].fidelity
+    assert bundle.file("onnx", "int8")["int8"] == rows[1].int8
     assert_nothing_written(out_parent, "bundle")
 
 
@@ -513,9 +519,12 @@ def test_the_cli_names_the_figures_and_the_way_out_and_keeps_the_old_bundle(shad
     setup = f"from device_bench.formats import PRECISIONS, Precision\nPRECISIONS['int8'] = {STRICT_INT8!r}"
     proc = run_cli_after(setup, "export", shadow_run, "--format", "onnx", "--int8", "--quiet", "--out", out, "--force", "--zip")
     assert_one_line_error(
-        proc, "no bundle written: onnx int8: mean cosine 0.99", f"< {STRICT_INT8.min_mean_cosine}", "more --calib-samples", "--allow-degraded"
+        proc, "no bundle written: onnx int8: relative error 0.0", f"> {STRICT_INT8.max_relative_error}", "The int8 search tried", "onnx files (above)", "--allow-degraded"
     )
-    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    printed = proc.stdout.splitlines()
+    assert printed[0].startswith("onnx int8 search on ") and "chose" in proc.stdout and "(the closest: none passed the gate)" in proc.stdout
+    table = printed.index(next(line for line in printed if line.startswith("format ")))
+    rows = [line.split() for line in printed[table + 1 :]]
     assert [row[:3] for row in rows] == [["onnx", "fp32", "verified"], ["onnx", "int8", "degraded"]]
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "old.txt"]
     assert_nothing_written(out_parent, "bundle")

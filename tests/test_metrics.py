@@ -175,6 +175,33 @@ def test_embedding_agreement_in_chunks_equals_the_full_matrix_reference(case, di
         assert got[key] == pytest.approx(want, abs=1e-9), key
 
 
+def test_relative_error_is_the_mean_error_over_the_mean_distance_between_images(monkeypatch):
+    """In chunks as in one matrix, Euclidean whatever the model's distance."""
+    emb, labels = clustered(40, 90, 4)
+    ref = emb + np.random.default_rng(41).normal(size=emb.shape) * 0.05
+    spread = np.linalg.norm(ref[:, None] - ref[None], axis=2).sum() / (len(ref) * (len(ref) - 1))
+    want = np.linalg.norm(emb - ref, axis=1).mean() / spread
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 7 * len(emb))
+    for distance in DISTANCES:
+        got = embedding_agreement(emb, ref, labels, distance, weights_for(distance, emb.shape[1]))
+        assert got["relative_error"] == pytest.approx(want, rel=1e-9), distance
+    assert embedding_agreement(ref, ref, labels)["relative_error"] == 0
+
+
+def test_relative_error_sees_what_cosine_misses_on_embeddings_that_barely_vary():
+    """Every image near one point: an error as large as the images' spread keeps the cosine at
+    0.9999 and loses precision_at_1; the relative error says so."""
+    rng = np.random.default_rng(42)
+    labels = np.repeat(np.arange(10), 20)
+    ref = np.full((200, 8), 1.0) + 0.01 * np.eye(10)[labels][:, :8] + 0.0005 * rng.normal(size=(200, 8))
+    noisy = ref + 0.01 * rng.normal(size=ref.shape)
+    got = embedding_agreement(noisy, ref, labels)
+    assert got["mean_cosine"] > 0.9999
+    assert got["relative_error"] > 0.5
+    assert got["precision_at_1"] < got["reference_precision_at_1"] - 0.2
+    assert embedding_agreement(ref + 1e-5 * rng.normal(size=ref.shape), ref, labels)["relative_error"] < 0.05
+
+
 def test_small_chunks_are_used_and_stay_within_the_element_budget(monkeypatch):
     emb, labels = clustered(38, 300, 6)
     monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 8 * len(emb))

@@ -152,21 +152,45 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
     rows, written = export_run(
         run_dir, out, format_list, precisions, calib_samples, calib_data, force, make_zip, allow_degraded, progress=not quiet
     )
-    click.echo(f"{'format':<7} {'precision':<9} {'status':<9} {'size KB':>8} {'mean cos':>9} {'min cos':>9} {'top-1 agree':>11} {'P@1':>6} {'P@1 torch':>9}")
+    for r in rows:
+        if r.int8:
+            _echo_int8_search(r.format, r.int8)
+    click.echo(f"{'format':<7} {'precision':<9} {'status':<9} {'size KB':>8} {'mean cos':>9} {'min cos':>9} {'rel err':>8} {'top-1 agree':>11} {'P@1':>6} {'P@1 torch':>9}")
     for r in rows:
         f = r.fidelity
         size = f"{r.entry['size_bytes'] / 1024:8.1f}" if r.entry else f"{'-':>8}"
         figures = (
-            f"{f['mean_cosine']:9.5f} {f['min_cosine']:9.5f} {f['top1_neighbour_agreement']:11.3f} {f['precision_at_1']:6.4f} {f['reference_precision_at_1']:9.4f}"
+            f"{f['mean_cosine']:9.5f} {f['min_cosine']:9.5f} {f['relative_error']:8.4f} {f['top1_neighbour_agreement']:11.3f} {f['precision_at_1']:6.4f} {f['reference_precision_at_1']:9.4f}"
             if f else ""
         )
         click.echo(f"{r.format:<7} {r.precision:<9} {r.status:<9} {size} {figures}")
     bad = [r for r in rows if r.status != "verified"]
     if written is None:
         details = "; ".join(f"{r.format} {r.precision}: {r.problem}" for r in bad)
-        calibration = "Try more --calib-samples, or pass" if any(r.precision == "int8" and r.status == "degraded" for r in bad) else "Pass"
-        raise UserError(f"no bundle written: {details}. {calibration} --allow-degraded to keep the files that ran (marked degraded)")
+        searched = [r for r in bad if r.int8]
+        tried = "".join(
+            f"The {r.format} int8 file passed on the search's images but not on the test images. " if r.int8["passed_gate"]
+            else f"The int8 search tried {len(r.int8['attempts'])} {r.format} files (above). "
+            for r in bad if r.int8
+        )
+        raise UserError(f"no bundle written: {details}. {tried}Pass --allow-degraded to keep the files that ran (marked degraded)")
     click.echo(f"wrote {written}" + (f" ({len(bad)} file(s) marked {', '.join(sorted({r.status for r in bad}))})" if bad else ""))
+
+
+def _echo_int8_search(fmt: str, search: dict) -> None:
+    """The int8 search's attempts for one format, on the validation images; those that quantized
+    one layer alone to rank the layers are counted, not listed."""
+    click.echo(f"{fmt} int8 search on {search['gate_images']} validation and spare training images ({search['search_s']:.1f} s):")
+    click.echo(f"  {'recipe':<36} {'rel err':>8} {'P@1 drop':>8} {'top-1 agree':>11} {'int8 MACs':>9} {'s':>6}  result")
+    ranked = [a for a in search["attempts"] if a["kind"] == "sensitivity"]
+    for a in search["attempts"]:
+        if a["kind"] != "sensitivity":
+            result = "passed" if a["passed"] else a["problem"]
+            click.echo(f"  {a['recipe']:<36} {a['relative_error']:8.4f} {a['precision_at_1_drop']:8.4f} {a['top1_neighbour_agreement']:11.3f} {a['int8_mac_fraction']:9.0%} {a['seconds']:6.1f}  {result}")
+    if ranked:
+        click.echo(f"  ({len(ranked)} layers ranked by quantizing each alone, {sum(a['seconds'] for a in ranked):.1f} s)")
+    chosen = f"{search['recipe']}" + (f", float layers: {', '.join(search['float_layers'])}" if search["float_layers"] else "")
+    click.echo(f"  chose {chosen}" + ("" if search["passed_gate"] else " (the closest: none passed the gate)"))
 
 
 @cli.command()
