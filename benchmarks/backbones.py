@@ -18,8 +18,10 @@ nothing is downloaded; or a built-in, ``mobilenet`` or ``convnet``), four stages
    the evaluated and exported model uses) to leave their initial values; a few steps do not.
 2. export: ``export.exporter.export_run`` writes each (format, precision) file (int8 calibrated on
    ``--calib-samples`` training images) and runs it on the test images (at most 500) in its
-   runtime: ``mean cos`` and ``min cos`` of its embeddings to PyTorch's, ``P@1`` its
-   precision_at_1 (PyTorch's in brackets). The status is the exporter's: verified (within the
+   runtime: ``mean cos`` and ``min cos`` of its embeddings to PyTorch's, ``rel err`` the mean
+   distance to PyTorch's over the mean distance between two images, ``P@1`` its precision_at_1
+   (PyTorch's in brackets); for int8, the recipe ``--int8``'s search chose (``export.quantize``)
+   and the share of multiply-accumulates it runs in int8. The status is the exporter's: verified (within the
    precision's tolerances, ``device_bench.formats.PRECISIONS``), degraded (ran but missed one; the
    reason follows) or failed (no file; the reason follows). ``size KB``: the file's size.
 3. bench: ``python -m device_bench BUNDLE --batch 1 --runs N --gallery 1000``, which measures each
@@ -89,9 +91,12 @@ class FileRow:
     problem: str = ""  # why degraded or failed
     mean_cosine: float | None = None
     min_cosine: float | None = None
+    relative_error: float | None = None
     precision_at_1: float | None = None
     reference_precision_at_1: float | None = None
     size_bytes: int | None = None
+    int8_recipe: str = ""  # int8 files: the recipe the int8 search chose (export.quantize)
+    int8_mac_fraction: float | None = None  # ... and the share of multiply-accumulates it runs in int8
     p50_ms: float | None = None
     peak_rss_mb: float | None = None
     bench_error: str = ""
@@ -166,8 +171,9 @@ def export(run_dir: Path, args: argparse.Namespace) -> tuple[list[FileRow], Path
     )
     files = []
     for row in rows:
-        fidelity = {k: row.fidelity.get(k) for k in ("mean_cosine", "min_cosine", "precision_at_1", "reference_precision_at_1")}
-        files.append(FileRow(row.format, row.precision, row.status, row.problem, **fidelity, size_bytes=row.entry.get("size_bytes")))
+        fidelity = {k: row.fidelity.get(k) for k in ("mean_cosine", "min_cosine", "relative_error", "precision_at_1", "reference_precision_at_1")}
+        search = {"int8_recipe": row.int8["recipe"], "int8_mac_fraction": row.int8["int8_mac_fraction"]} if row.int8 else {}
+        files.append(FileRow(row.format, row.precision, row.status, row.problem, **fidelity, size_bytes=row.entry.get("size_bytes"), **search))
     return files, bundle
 
 
@@ -296,8 +302,8 @@ def _status(f: FileRow) -> str:
 
 
 def matrix_table(results: list[BackboneResult], cpu: str) -> str:
-    header = ["backbone", "format", "precision", "status", "mean cos", "min cos", "P@1 (torch)", "size KB", "p50 ms", "peak RSS MB", f"aarch64 M instr ({cpu})"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * (len(header) - 4)]
+    header = ["backbone", "format", "precision", "status", "int8 recipe (MACs in int8)", "mean cos", "min cos", "rel err", "P@1 (torch)", "size KB", "p50 ms", "peak RSS MB", f"aarch64 M instr ({cpu})"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|---|" + "---:|" * (len(header) - 5)]
     for r in results:
         if r.error and not r.files:
             lines.append("| " + " | ".join(map(_cell, [r.backbone, "—", "—", r.error, *["—"] * (len(header) - 4)])) + " |")
@@ -305,8 +311,9 @@ def matrix_table(results: list[BackboneResult], cpu: str) -> str:
             p_at_1 = "—" if f.precision_at_1 is None else f"{f.precision_at_1:.3f} ({f.reference_precision_at_1:.3f})"
             size_kb = None if f.size_bytes is None else f.size_bytes / 1024
             instr = None if f.instructions_per_inference is None else f.instructions_per_inference / 1e6
+            recipe = f"{f.int8_recipe} ({f.int8_mac_fraction:.0%})" if f.int8_recipe else "—"
             cells = [
-                r.backbone, f.format, f.precision, _status(f), _num(f.mean_cosine, ".6f"), _num(f.min_cosine, ".6f"), p_at_1,
+                r.backbone, f.format, f.precision, _status(f), recipe, _num(f.mean_cosine, ".6f"), _num(f.min_cosine, ".6f"), _num(f.relative_error, ".4f"), p_at_1,
                 _num(size_kb, ",.0f"), _num(f.p50_ms, ".2f", f.bench_error or "—"), _num(f.peak_rss_mb, ".0f", "—"),
                 _num(instr, ".1f", f.arm64_error or "—"),
             ]  # fmt: skip

@@ -76,8 +76,10 @@ def test_real_backbones_are_exported_checked_and_timed(matrix):
                 assert f["min_cosine"] > 1 - 1e-6 and f["precision_at_1"] == f["reference_precision_at_1"]
             else:  # a 1-epoch model on 32 test images: an int8 file may miss the P@1 tolerance, and says so
                 assert f["status"] in ("verified", "degraded") and (f["status"] == "verified") == (f["problem"] == ""), (name, f)
-                assert f["mean_cosine"] > 0.9
-                assert f["size_bytes"] < 0.6 * files[(fmt, "fp32")]["size_bytes"]  # int8 weights: a quarter of fp32's, plus the graph
+                assert f["mean_cosine"] > 0.9 and f["int8_recipe"] and 0.5 <= f["int8_mac_fraction"] <= 1
+                assert f["size_bytes"] < files[(fmt, "fp32")]["size_bytes"]
+                if f["int8_mac_fraction"] == 1:  # no layer kept float: int8 weights, a quarter of fp32's, plus the graph
+                    assert f["size_bytes"] < 0.6 * files[(fmt, "fp32")]["size_bytes"]
 
 
 def test_an_unknown_backbone_is_one_failed_row_and_the_others_still_run(matrix):
@@ -101,6 +103,8 @@ def test_markdown_rows_carry_the_measured_figures(matrix):
         f = next(f for f in backbones[REAL[0]]["files"] if (f["format"], f["precision"]) == (row["format"], row["precision"]))
         assert row["size KB"] == f"{f['size_bytes'] / 1024:,.0f}" and row["p50 ms"] == f"{f['p50_ms']:.2f}"
         assert row["mean cos"] == f"{f['mean_cosine']:.6f}" and row["peak RSS MB"] == f"{f['peak_rss_mb']:.0f}"
+        assert row["rel err"] == f"{f['relative_error']:.4f}"
+        assert row["int8 recipe (MACs in int8)"] == (f"{f['int8_recipe']} ({f['int8_mac_fraction']:.0%})" if row["precision"] == "int8" else "—")
         assert row["status"] == (f["status"] if f["status"] == "verified" else f"{f['status']}: {f['problem']}".replace("|", "\\|"))
 
 
