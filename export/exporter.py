@@ -226,9 +226,9 @@ def _gate(model: torch.nn.Module, data, spare_train: np.ndarray, distance: str, 
     so that a small validation split does not leave the search measuring a handful of images.
     Never the test images, whose check is the final verdict."""
     val = np.sort(np.random.default_rng(1).permutation(len(data.splits["val"]))[:FIDELITY_SAMPLES])
-    train = np.sort(spare_train[: FIDELITY_SAMPLES - len(val)])
-    inputs = torch.cat([data.inputs("val", val), data.inputs("train", train)])
-    labels = np.concatenate([data.labels("val", val), data.labels("train", train)])
+    parts = [("val", val), ("train", np.sort(spare_train[: FIDELITY_SAMPLES - len(val)]))]
+    inputs = torch.cat([data.inputs(split, rows) for split, rows in parts if len(rows)])
+    labels = np.concatenate([data.labels(split, rows) for split, rows in parts])
     return Gate(inputs.numpy(), labels, _reference(model, inputs), distance, weights)
 
 

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import run_cli
 from device_bench.formats import PRECISIONS, Precision
 from device_bench.manifest import read_bundle
 from edge_siamese.checkpoints import load_run
@@ -66,7 +67,19 @@ def test_an_exhausted_search_tries_every_recipe_then_mixed_precision_and_keeps_t
     assert record["recipe"] == closest["recipe"] and record["int8_mac_fraction"] == closest["int8_mac_fraction"]
     entry = read_bundle(bundle).file(fmt, "int8")
     assert entry["status"] == "degraded" and entry["int8"] == record
-    assert record["calibration_samples"] == 256 * record["calibration_multiple"] and record["gate_images"] > 100
+    assert record["calibration_samples"] == 256 * record["calibration_multiple"]
+    assert record["gate_images"] == 500  # digits' 144 validation images, topped up with training images
+
+
+def test_a_large_validation_split_alone_feeds_the_search(tmp_path):
+    """7,000 images: 560 of them validation, so the search measures 500 of those and no training image."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(10), 700)
+    images = (rng.integers(0, 60, size=(7000, 8, 8)) + 19 * labels[:, None, None]).astype(np.uint8)
+    np.savez(tmp_path / "data.npz", images=images, labels=labels)
+    run_cli("train", "--dataset", tmp_path / "data.npz", "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    rows, _ = export_run(tmp_path / "run", tmp_path / "bundle", ["onnx"], ["fp32", "int8"], allow_degraded=True, progress=False)
+    assert rows[1].int8["gate_images"] == 500 and rows[1].int8["attempts"]
 
 
 @pytest.mark.parametrize("fmt", WRITERS)
