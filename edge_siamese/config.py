@@ -23,7 +23,10 @@ JSON_TYPES = {
 
 
 # Keys added after toolkit 0.1.0: a config.json without them gets their defaults, which are what it did.
-LATER_KEYS = ("input_size", "resize_mode", "augment", "skip_bad", "workers", "cache_mb", "pretrained", "freeze_backbone_epochs", "backbone_lr_mult")
+LATER_KEYS = (
+    "input_size", "resize_mode", "augment", "skip_bad", "workers", "cache_mb", "pretrained", "freeze_backbone_epochs", "backbone_lr_mult",
+    "world_size", "sync_bn",
+)  # fmt: skip
 
 
 @dataclass
@@ -55,6 +58,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     device: str = "auto"
+    world_size: int = 1  # training processes (--nproc or torchrun); each embeds batch_size / world_size images of a batch
+    sync_bn: bool = False  # with several processes, BatchNorm statistics over the global batch instead of each process's part
 
     @property
     def resolved_head(self) -> str:
@@ -112,6 +117,10 @@ class TrainConfig:
         if not (math.isfinite(self.cache_mb) and self.cache_mb >= 0):
             raise UserError(f"--cache-mb {self.cache_mb} must be a number of MB >= 0 (0: no cache)")
         check_device(self.device)
+        if not 1 <= self.world_size <= 1024:
+            raise UserError(f"--nproc {self.world_size} is out of range: use 1 to 1024 processes")
+        if self.batch_size % self.world_size:
+            raise UserError(f"--batch-size {self.batch_size} does not split over {self.world_size} processes: choose a multiple of {self.world_size}")
         return self
 
     def to_dict(self) -> dict:

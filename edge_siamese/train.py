@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +20,7 @@ import torch
 from device_bench.bench import memory_mb, reset_peak_rss
 from device_bench.files import write_json
 
-from . import __version__, timm_models
+from . import __version__, distributed, timm_models
 from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
 from .config import TrainConfig
 from .data import INDEX, PKSampler
@@ -65,27 +67,47 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
 
     ``out`` holds ``config.json`` from the start, ``checkpoint.pt`` after each epoch, and
     ``model.safetensors``, ``metrics.json`` and ``training_curves.png`` once training ends.
+    Started as one of several processes (``--nproc``, torchrun: ``distributed.world_from_env``),
+    each trains on its shard of every batch and rank 0 alone writes; the others return ``{}``.
     """
-    out = Path(out)
+    out, world = Path(out), distributed.world_from_env()
+    try:
+        return _train(config, out, resume, force, progress, world)
+    finally:
+        distributed.stop(world)
+
+
+def _train(config: TrainConfig, out: Path, resume: bool, force: bool, progress: bool, world: distributed.World) -> dict:
+    progress = progress and world.is_main
     if resume:
         config, preprocessing = read_config(out)
         if (out / METRICS).exists():
             raise UserError(f"{out} has finished training: nothing to resume")
+        if config.world_size != world.size:
+            raise UserError(f"{out} was trained by {config.world_size} process(es): resume it with --nproc {config.world_size}, not {world.size}")
         state, index = load_checkpoint(out / CHECKPOINT), read_index(out)
     else:
-        check_replaceable(out, CONFIG, force, ", or --resume to continue it")
+        config = replace(config, world_size=world.size)
+        if world.is_main:
+            check_replaceable(out, CONFIG, force, ", or --resume to continue it")
         preprocessing, state, index = None, None, None
     config.validate()
     if state is None and config.pretrained is not None:
         timm_models.check_pretrained(config.pretrained)  # before the data is indexed
-    device = resolve_device(config.device)
+    device = distributed.start(world, resolve_device(config.device))
     reset_peak_rss()  # peak_rss_mb is this training's, not an earlier one's in the same process
+    if state is None and not world.is_main:  # rank 0 indexes the data and fits the preprocessing once
+        distributed.barrier(world)
+        config, preprocessing = read_config(out)
+        index = read_index(out)
     data = prepare_data(config, preprocessing, index, progress)
 
     torch.manual_seed(config.seed)
     model, loss_fn = build(config, data.preprocessing)
     if state is None and config.pretrained is not None:
         timm_models.load_pretrained(model.features, config.backbone, config.pretrained)
+    if config.sync_bn:
+        model = distributed.convert_sync_batchnorm(model)
     model, loss_fn = model.to(device), loss_fn.to(device)
     miner = create_miner(config.miner, getattr(loss_fn, "margin", 0.2), loss_fn.distance)
     head_params = [p for name, p in model.named_parameters() if not name.startswith("features.")]
@@ -103,7 +125,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     classes_per_batch = max(2, config.batch_size // config.samples_per_class)
     num_batches = max(1, len(train_labels) // config.batch_size)
     sampler = PKSampler(train_labels, classes_per_batch, config.samples_per_class, num_batches, seed=config.seed)
-    batches = data.train_loader(sampler, config.augment)
+    batches = data.train_loader(distributed.ShardedBatches(sampler, world) if world.size > 1 else sampler, config.augment)
 
     history: list[dict] = []
     start_epoch, elapsed = 0, 0.0
@@ -117,16 +139,18 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{out / CHECKPOINT} does not belong to the run in {out}/config.json ({first}): train again with --force") from None
-    else:
+    elif world.is_main:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         write_json(out / CONFIG, {"toolkit_version": __version__, "train": config.to_dict(), "preprocessing": data.preprocessing.to_dict()})
         if data.index is not None:
             write_json(out / INDEX, data.index)
+        distributed.barrier(world)  # the other ranks read config.json and index.json now
 
-    with _left_only_if_resumable(out, fresh=state is None):
+    with _left_only_if_resumable(out, fresh=state is None and world.is_main):
         bar = progress_bar(total=(config.epochs - start_epoch) * num_batches, desc=f"{config.loss} d={config.embedding_dim}", enabled=progress, unit="batch")
+        net, wrapped_frozen = model, None
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             frozen = epoch < config.freeze_backbone_epochs  # the backbone's weights and BatchNorm statistics stay
@@ -134,11 +158,14 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
             model.features.requires_grad_(not frozen)
             if frozen:
                 model.features.eval()
+            if world.size > 1 and frozen != wrapped_frozen:  # DDP syncs the parameters that need gradients when it is made
+                net, wrapped_frozen = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None), frozen
+                # a 1-channel 3x3 kernel's gradient comes in other (equivalent) strides than its bucket's: a copy, not an error
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             batches.batch_sampler.set_epoch(epoch)
             losses = []
             for step, (inputs, labels) in enumerate(batches):
-                embeddings = model(inputs.to(device))
-                labels = labels.to(device)
+                embeddings, labels = distributed.gather(net(inputs.to(device)), labels.to(device), world)
                 indices_tuple = miner(embeddings, labels) if miner is not None else None
                 loss = loss_fn(embeddings, labels, indices_tuple=indices_tuple)
                 if not torch.isfinite(loss):
@@ -154,6 +181,9 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
             if broken := _not_finite(model, loss_fn):  # a checkpoint is good only when every number in it is finite
                 bar.close()
                 raise _stopped(f"{broken[0]} became NaN or inf at epoch {epoch + 1}", epoch, out, config)
+            if not world.is_main:
+                distributed.barrier(world)  # while rank 0 validates and writes the checkpoint
+                continue
             val = validation_metrics(model, loss_fn, data, "val", episodes=200)
             elapsed += time.perf_counter() - started
             history.append(
@@ -177,7 +207,10 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
                     "history": history,
                 },
             )
+            distributed.barrier(world)
         bar.close()
+        if not world.is_main:
+            return {}
 
         final = validation_metrics(model, loss_fn, data, "val")
         metrics = {
@@ -186,6 +219,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
             "epochs": config.epochs,
             "train_time_s": elapsed,
             "device": str(device),
+            "world_size": world.size,
             "skipped_images": len(data.files.skipped) if data.files else 0,
             **peak_memory_mb(device),
         }

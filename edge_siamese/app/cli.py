@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -64,14 +66,21 @@ def cli() -> None:
 @click.option("--split", type=click.Choice(SPLITS), default=TRAIN.split, show_default=True, help="Hold out samples (closed set) or whole classes (open set).")
 @click.option("--seed", type=int, default=TRAIN.seed, show_default=True)
 @click.option("--device", default=TRAIN.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--nproc", type=int, default=TRAIN.world_size, show_default=True, help="Training processes on this machine (torch's elastic launcher; one GPU each on CUDA, Gloo on the CPU); several machines: torchrun.")
+@click.option("--sync-bn", is_flag=True, default=TRAIN.sync_bn, help="With several processes, BatchNorm statistics over the whole batch, not each process's part.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder  [default: runs/LOSS-dDIM]")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its config.json decides).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(loss_name, embedding_dim, input_size, out, force, resume, quiet, **options) -> None:
+def train(loss_name, embedding_dim, input_size, nproc, out, force, resume, quiet, **options) -> None:
     """Train an embedding model and write weights, config, metrics and curves to --out."""
+    from ..checkpoints import CONFIG, read_config
+    from ..distributed import world_from_env
+    from ..files import check_replaceable
     from ..train import train as run_training
 
+    if "WORLD_SIZE" in os.environ and world_from_env().size != nproc and nproc > 1:
+        raise UserError(f"--nproc {nproc} disagrees with the launcher's WORLD_SIZE {os.environ['WORLD_SIZE']}: drop --nproc under torchrun")
     if resume:
         if out is None:
             raise UserError("--resume needs --out RUN, the folder of the run to continue")
@@ -82,13 +91,46 @@ def train(loss_name, embedding_dim, input_size, out, force, resume, quiet, **opt
             raise UserError(f"--resume continues with the settings in {out}/config.json: drop {', '.join(given)}")
     config = TrainConfig(loss=loss_name, embedding_dim=embedding_dim, input_size=input_size and parse_size(input_size), **options)
     out = out or Path("runs") / f"{loss_name}-d{embedding_dim}"
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # this process launches the workers, each of which runs this command
+        if not resume:  # what each worker would stop on, said once, before any starts
+            replace(config, world_size=nproc).validate()
+            check_replaceable(out, CONFIG, force, ", or --resume to continue it")
+        elif (trained_by := read_config(out)[0].world_size) != nproc:
+            raise UserError(f"{out} was trained by {trained_by} process(es): resume it with --nproc {trained_by}, not {nproc}")
+        launch_workers(nproc, click.get_current_context().find_root().obj["argv"])
+        return
     metrics = run_training(config, out, resume=resume, force=force, progress=not quiet)
+    if not metrics:  # a rank other than 0: rank 0 reports
+        return
     final = metrics["final"]
     skipped = f"; {metrics['skipped_images']} unreadable image(s) left out (listed in {out}/index.json)" if metrics["skipped_images"] else ""
     click.echo(
         f"{out}: val precision_at_1 {final['val_precision_at_1']:.4f}, "
         f"MAP@R {final['val_mean_average_precision_at_r']:.4f}, {metrics['train_time_s']:.1f} s training{skipped}"
     )
+
+
+def launch_workers(nproc: int, argv: list[str]) -> None:
+    """Run this command in ``nproc`` processes on this machine through torch's elastic launcher
+    (torchrun's ``--standalone``); one line when a process fails (its own line is above)."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+    )  # fmt: skip
+    try:
+        elastic_launch(config, sys.executable)("-m", "edge_siamese.app.cli", *argv)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        raise UserError(f"training stopped: process {rank} of {nproc} exited with status {code}" + (" (its line is above)" if code == EXIT_USER_ERROR else "")) from None
+    except SignalException as exc:
+        raise click.exceptions.Abort() from exc
 
 
 def parse_size(text: str) -> list[int]:
@@ -313,7 +355,7 @@ def ints(text: str, name: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, standalone_mode=False, obj={"argv": sys.argv[1:] if argv is None else list(argv)})
     except (UserError, BundleError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USER_ERROR)
