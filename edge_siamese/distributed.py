@@ -26,6 +26,21 @@ from .errors import UserError
 TIMEOUT_S = 600.0  # a rank that waits this long for the others ends the run with one line
 
 
+class PeerLost(RuntimeError):
+    """This process lost the others: one of them stopped, or hung past ``TIMEOUT_S``. Its reason is
+    that process's to say; this one exits quietly (``EXIT_PEER_LOST``)."""
+
+
+EXIT_PEER_LOST = 3
+# What Gloo and NCCL say when a peer's connection closes or a collective times out.
+_PEER_LOST = ("closed by peer", "reset by peer", "broken pipe", "timed out", "timeout", "connection refused")
+
+
+def peer_lost(exc: BaseException, world: "World") -> bool:
+    """Whether ``exc`` (raised in a collective) means another process is gone."""
+    return world.size > 1 and isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _PEER_LOST)
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the training processes (a single process: rank 0 of 1)."""

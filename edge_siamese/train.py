@@ -73,6 +73,10 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     out, world = Path(out), distributed.world_from_env()
     try:
         return _train(config, out, resume, force, progress, world)
+    except RuntimeError as exc:
+        if distributed.peer_lost(exc, world):
+            raise distributed.PeerLost(str(exc)) from None
+        raise
     finally:
         distributed.stop(world)
 

@@ -124,3 +124,12 @@ def test_a_run_resumes_only_with_the_world_size_it_was_trained_with(tmp_path):
     proc = run_cli("train", "--resume", "--nproc", "2", "--quiet", "--out", run, check=False)
     assert proc.returncode == 2 and "trained by 1 process(es): resume it with --nproc 1, not 2" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_a_process_that_stops_ends_the_others_with_its_one_line(tmp_path):
+    """Rank 0 stops on a dataset that is not there; rank 1, waiting for it, loses it and exits
+    quietly; the launcher ends and the command prints rank 0's line alone."""
+    proc = run_cli("train", "--dataset", tmp_path / "missing", "--nproc", "2", "--quiet", "--out", tmp_path / "run", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: unknown dataset")
+    assert not (tmp_path / "run").exists()

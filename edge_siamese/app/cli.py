@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import replace
@@ -18,6 +19,7 @@ from export.job import CALIB_SAMPLES
 from ..augment import AUGMENTS
 from ..config import TrainConfig
 from ..data import SPLITS
+from ..distributed import EXIT_PEER_LOST, PeerLost
 from ..errors import UserError
 from ..evaluate import SPLIT_NAMES
 from ..losses import LOSSES
@@ -120,6 +122,7 @@ def launch_workers(nproc: int, argv: list[str]) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its lines say again what the one below says
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
     )  # fmt: skip
@@ -127,8 +130,10 @@ def launch_workers(nproc: int, argv: list[str]) -> None:
         elastic_launch(config, sys.executable)("-m", "edge_siamese.app.cli", *argv)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        code = failure.exitcode
-        raise UserError(f"training stopped: process {rank} of {nproc} exited with status {code}" + (" (its line is above)" if code == EXIT_USER_ERROR else "")) from None
+        if failure.exitcode == EXIT_USER_ERROR:  # that process's one line said what to fix
+            sys.exit(EXIT_USER_ERROR)
+        why = " (it lost the others: one stopped, or hung past the timeout)" if failure.exitcode == EXIT_PEER_LOST else ""
+        raise UserError(f"training stopped: process {rank} of {nproc} exited with status {failure.exitcode}{why}") from None
     except SignalException as exc:
         raise click.exceptions.Abort() from exc
 
@@ -359,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, BundleError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USER_ERROR)
+    except PeerLost:  # a training process whose peer stopped: the peer, or the launcher, says why
+        sys.exit(EXIT_PEER_LOST)
     except click.exceptions.Abort:
         click.echo("error: interrupted; continue a training run with 'edge-siamese train --resume --out RUN'", err=True)
         sys.exit(130)
