@@ -25,8 +25,11 @@ JSON_TYPES = {
 # Keys added after toolkit 0.1.0: a config.json without them gets their defaults, which are what it did.
 LATER_KEYS = (
     "input_size", "resize_mode", "augment", "skip_bad", "workers", "cache_mb", "pretrained", "freeze_backbone_epochs", "backbone_lr_mult",
-    "world_size", "sync_bn",
+    "world_size", "sync_bn", "precision",
 )  # fmt: skip
+# --precision -> the dtype the model's forward pass runs in under torch.autocast (None: no autocast);
+# the loss is always computed in float32 and the weights stay float32.
+TRAIN_PRECISIONS = {"fp32": None, "bf16": "bfloat16"}
 
 
 @dataclass
@@ -60,6 +63,7 @@ class TrainConfig:
     device: str = "auto"
     world_size: int = 1  # training processes (--nproc or torchrun); each embeds batch_size / world_size images of a batch
     sync_bn: bool = False  # with several processes, BatchNorm statistics over the global batch instead of each process's part
+    precision: str = "fp32"  # a key of TRAIN_PRECISIONS: the forward pass's autocast dtype
 
     @property
     def resolved_head(self) -> str:
@@ -117,6 +121,8 @@ class TrainConfig:
         if not (math.isfinite(self.cache_mb) and self.cache_mb >= 0):
             raise UserError(f"--cache-mb {self.cache_mb} must be a number of MB >= 0 (0: no cache)")
         check_device(self.device)
+        if self.precision not in TRAIN_PRECISIONS:
+            raise UserError(f"unknown --precision {self.precision!r}: choose one of {', '.join(TRAIN_PRECISIONS)}")
         if not 1 <= self.world_size <= 1024:
             raise UserError(f"--nproc {self.world_size} is out of range: use 1 to 1024 processes")
         if self.batch_size % self.world_size:

@@ -22,7 +22,7 @@ from device_bench.files import write_json
 
 from . import __version__, distributed, timm_models
 from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
-from .config import TrainConfig
+from .config import TRAIN_PRECISIONS, TrainConfig
 from .data import INDEX, PKSampler
 from .errors import UserError
 from .evaluate import resolve_device, validation_metrics
@@ -155,6 +155,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, force: bool, progress: 
     with _left_only_if_resumable(out, fresh=state is None and world.is_main):
         bar = progress_bar(total=(config.epochs - start_epoch) * num_batches, desc=f"{config.loss} d={config.embedding_dim}", enabled=progress, unit="batch")
         net, wrapped_frozen = model, None
+        autocast_dtype = getattr(torch, name) if (name := TRAIN_PRECISIONS[config.precision]) else None
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             frozen = epoch < config.freeze_backbone_epochs  # the backbone's weights and BatchNorm statistics stay
@@ -169,7 +170,9 @@ def _train(config: TrainConfig, out: Path, resume: bool, force: bool, progress: 
             batches.batch_sampler.set_epoch(epoch)
             losses = []
             for step, (inputs, labels) in enumerate(batches):
-                embeddings, labels = distributed.gather(net(inputs.to(device)), labels.to(device), world)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    embeddings = net(inputs.to(device))
+                embeddings, labels = distributed.gather(embeddings.float(), labels.to(device), world)  # the loss in float32
                 indices_tuple = miner(embeddings, labels) if miner is not None else None
                 loss = loss_fn(embeddings, labels, indices_tuple=indices_tuple)
                 if not torch.isfinite(loss):

@@ -154,3 +154,22 @@ def test_trains_on_cuda(tmp_path):
     metrics = train(TrainConfig(device="cuda", epochs=3), tmp_path / "gpu", progress=False)
     assert metrics["device"].startswith("cuda") and metrics["peak_cuda_mb"] > 0
     assert metrics["final"]["val_precision_at_1"] > 0.5
+
+
+def test_bf16_runs_the_forward_pass_in_bfloat16_and_keeps_float32_weights(tmp_path):
+    """--precision bf16 on the CPU: the backbone's activations are bfloat16 (seen by a hook on the
+    first convolution), the loss and the saved weights float32, and the run lands near fp32's."""
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.append(output.dtype) if isinstance(module, torch.nn.Conv2d) and module.training else None
+    )
+    try:
+        runs = {p: train(TrainConfig(epochs=1, precision=p, device="cpu"), tmp_path / p, progress=False) for p in ("fp32", "bf16")}
+    finally:
+        hook.remove()
+    assert set(seen) == {torch.float32, torch.bfloat16}
+    weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    fp32, bf16 = (runs[p]["history"][0]["train_loss"] for p in ("fp32", "bf16"))
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["train"]["precision"] == "bf16"

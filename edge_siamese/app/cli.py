@@ -17,7 +17,7 @@ from device_bench.runtimes import ORT_MEMORY
 from export.job import CALIB_SAMPLES
 
 from ..augment import AUGMENTS
-from ..config import TrainConfig
+from ..config import TRAIN_PRECISIONS, TrainConfig
 from ..data import SPLITS
 from ..distributed import EXIT_PEER_LOST, PeerLost
 from ..errors import UserError
@@ -69,6 +69,7 @@ def cli() -> None:
 @click.option("--seed", type=int, default=TRAIN.seed, show_default=True)
 @click.option("--device", default=TRAIN.device, show_default=True, help="auto, cpu or cuda.")
 @click.option("--nproc", type=int, default=TRAIN.world_size, show_default=True, help="Training processes on this machine (torch's elastic launcher; one GPU each on CUDA, Gloo on the CPU); several machines: torchrun.")
+@click.option("--precision", type=click.Choice(list(TRAIN_PRECISIONS)), default=TRAIN.precision, show_default=True, help="bf16: the forward pass under torch.autocast in bfloat16, the loss and weights in float32.")
 @click.option("--sync-bn", is_flag=True, default=TRAIN.sync_bn, help="With several processes, BatchNorm statistics over the whole batch, not each process's part.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder  [default: runs/LOSS-dDIM]")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
