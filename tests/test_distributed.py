@@ -4,15 +4,18 @@ the union batch, and 2-process training through the CLI against 1-process traini
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import CLI, run_cli
 from edge_siamese import distributed
 from edge_siamese.checkpoints import build
 from edge_siamese.config import TrainConfig
@@ -133,3 +136,36 @@ def test_a_process_that_stops_ends_the_others_with_its_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: unknown dataset")
     assert not (tmp_path / "run").exists()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of a process group (zombies left out)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
+    """SIGINT to the whole foreground group, as a terminal's Ctrl-C sends it, mid-training."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [str(CLI), "train", "--dataset", "digits", "--epochs", "500", "--nproc", "2", "--quiet", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.strip().splitlines() == ["error: interrupted; continue a training run with 'edge-siamese train --resume --out RUN'"], stderr
+    deadline = time.monotonic() + 60
+    while _group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _group_members(proc.pid) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -82,6 +83,8 @@ def train(loss_name, embedding_dim, input_size, nproc, out, force, resume, quiet
     from ..files import check_replaceable
     from ..train import train as run_training
 
+    if "WORLD_SIZE" in os.environ:  # a process of several: Ctrl-C ends it quietly (no KeyboardInterrupt, whose click prints a blank line); the launcher says it once
+        signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     if "WORLD_SIZE" in os.environ and world_from_env().size != nproc and nproc > 1:
         raise UserError(f"--nproc {nproc} disagrees with the launcher's WORLD_SIZE {os.environ['WORLD_SIZE']}: drop --nproc under torchrun")
     if resume:
@@ -123,7 +126,8 @@ def launch_workers(nproc: int, argv: list[str]) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its lines say again what the one below says
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # each sets its own level; their lines say again what ours says
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
     )  # fmt: skip
@@ -368,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     except PeerLost:  # a training process whose peer stopped: the peer, or the launcher, says why
         sys.exit(EXIT_PEER_LOST)
     except click.exceptions.Abort:
-        click.echo("error: interrupted; continue a training run with 'edge-siamese train --resume --out RUN'", err=True)
+        if "WORLD_SIZE" not in os.environ:  # a training process under a launcher leaves the line to it
+            click.echo("error: interrupted; continue a training run with 'edge-siamese train --resume --out RUN'", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()} (see 'edge-siamese --help')", err=True)
