@@ -169,3 +169,10 @@ def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
     while _group_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _group_members(proc.pid) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gate is for machines without a GPU")
+def test_nccl_on_cuda_without_a_gpu_is_one_line(tmp_path):
+    proc = run_cli("train", "--dataset", "digits", "--device", "cuda", "--nproc", "2", "--quiet", "--out", tmp_path / "run", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "CUDA is not available" in proc.stderr and "--device cpu" in proc.stderr

@@ -80,6 +80,7 @@ def train(loss_name, embedding_dim, input_size, nproc, out, force, resume, quiet
     """Train an embedding model and write weights, config, metrics and curves to --out."""
     from ..checkpoints import CONFIG, read_config
     from ..distributed import world_from_env
+    from ..evaluate import resolve_device
     from ..files import check_replaceable
     from ..train import train as run_training
 
@@ -100,6 +101,7 @@ def train(loss_name, embedding_dim, input_size, nproc, out, force, resume, quiet
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # this process launches the workers, each of which runs this command
         if not resume:  # what each worker would stop on, said once, before any starts
             replace(config, world_size=nproc).validate()
+            resolve_device(config.device)
             check_replaceable(out, CONFIG, force, ", or --resume to continue it")
         elif (trained_by := read_config(out)[0].world_size) != nproc:
             raise UserError(f"{out} was trained by {trained_by} process(es): resume it with --nproc {trained_by}, not {nproc}")
