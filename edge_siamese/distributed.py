@@ -13,6 +13,7 @@ unless ``--sync-bn`` (``convert_sync_batchnorm``): then its statistics are the g
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ import torch.distributed as dist
 
 from .errors import UserError
 
-TIMEOUT_S = 600.0  # a rank that waits this long for the others ends the run with one line
+# A rank that waits this long for the others ends the run with one line. Long enough for rank 0
+# to index a large image folder while the others wait for it.
+TIMEOUT_S = float(os.environ.get("EDGE_SIAMESE_TIMEOUT_S", 1800))
 
 
 class PeerLost(RuntimeError):
@@ -86,6 +89,19 @@ def stop(world: World) -> None:
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
+
+
+def share(value: dict | None, world: World, device: torch.device) -> dict | None:
+    """Rank 0's ``value`` (JSON-able) on every rank, sent as UTF-8 bytes through the process group
+    (no pickle, no shared disk: ranks on other machines get it too)."""
+    if world.size == 1:
+        return value
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8) if world.is_main else None
+    size = torch.tensor([0 if data is None else len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, 0)
+    buffer = data.to(device) if data is not None else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, 0)
+    return json.loads(bytes(buffer.cpu().numpy()).decode())
 
 
 def shard(batch: list[int], world: World) -> list[int]:

@@ -19,6 +19,7 @@ import torch
 
 from device_bench.bench import memory_mb, reset_peak_rss
 from device_bench.files import write_json
+from device_bench.preprocessing import Preprocessing
 
 from . import __version__, distributed, timm_models
 from .checkpoints import CHECKPOINT, CONFIG, METRICS, WEIGHTS, build, load_checkpoint, read_config, save_checkpoint, save_weights
@@ -101,9 +102,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, force: bool, progress: 
     device = distributed.start(world, resolve_device(config.device))
     reset_peak_rss()  # peak_rss_mb is this training's, not an earlier one's in the same process
     if state is None and not world.is_main:  # rank 0 indexes the data and fits the preprocessing once
-        distributed.barrier(world)
-        config, preprocessing = read_config(out)
-        index = read_index(out)
+        shared = distributed.share(None, world, device)
+        config, preprocessing, index = TrainConfig.from_dict(shared["train"]), Preprocessing.from_dict(shared["preprocessing"]), shared["index"]
     data = prepare_data(config, preprocessing, index, progress)
 
     torch.manual_seed(config.seed)
@@ -150,7 +150,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, force: bool, progress: 
         write_json(out / CONFIG, {"toolkit_version": __version__, "train": config.to_dict(), "preprocessing": data.preprocessing.to_dict()})
         if data.index is not None:
             write_json(out / INDEX, data.index)
-        distributed.barrier(world)  # the other ranks read config.json and index.json now
+        distributed.share({"train": config.to_dict(), "preprocessing": data.preprocessing.to_dict(), "index": data.index}, world, device)
 
     with _left_only_if_resumable(out, fresh=state is None and world.is_main):
         bar = progress_bar(total=(config.epochs - start_epoch) * num_batches, desc=f"{config.loss} d={config.embedding_dim}", enabled=progress, unit="batch")

@@ -138,37 +138,78 @@ def test_a_process_that_stops_ends_the_others_with_its_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _group_members(pgid: int) -> list[int]:
-    """The live processes of a process group (zombies left out)."""
-    members = []
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (the launcher's training processes)."""
+    children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
 
 
-def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
-    """SIGINT to the whole foreground group, as a terminal's Ctrl-C sends it, mid-training."""
-    out = tmp_path / "run"
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+        except OSError:
+            continue
+    return alive
+
+
+def _training(out: Path, env: dict | None = None) -> tuple[subprocess.Popen, list[int]]:
+    """``train --nproc 2`` on digits, long, in its own session; returned once its first checkpoint
+    is written, with its two training processes (rank order)."""
     proc = subprocess.Popen(
         [str(CLI), "train", "--dataset", "digits", "--epochs", "500", "--nproc", "2", "--quiet", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[1]
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and stderr.strip().splitlines() == ["error: interrupted; continue a training run with 'edge-siamese train --resume --out RUN'"], stderr
+    workers = _children(proc.pid)
+    if proc.poll() is not None or len(workers) != 2:
+        proc.kill()
+        pytest.fail(f"training did not get under way: {proc.communicate()[1][-2000:]}")
+    ranks = {int(next(v for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if v.startswith(b"RANK="))[5:]): pid for pid in workers}
+    return proc, [ranks[0], ranks[1]]
+
+
+def _ended(proc: subprocess.Popen, workers: list[int], timeout: float) -> str:
+    """The command's stderr once it has ended; every training process must be gone too."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        for pid in _alive(workers + ([proc.pid] if proc.poll() is None else [])):
+            os.kill(pid, signal.SIGKILL)  # never leave a test's processes behind
     deadline = time.monotonic() + 60
-    while _group_members(proc.pid) and time.monotonic() < deadline:
+    while _alive(workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _group_members(proc.pid) == []
+    assert _alive(workers) == []
+    return stderr
+
+
+def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
+    """SIGINT to the command's process group, as a terminal's Ctrl-C sends it, mid-training."""
+    proc, workers = _training(tmp_path / "run")
+    os.killpg(proc.pid, signal.SIGINT)
+    stderr = _ended(proc, workers, 120)
+    assert proc.returncode == 130 and stderr.strip().splitlines() == ["error: interrupted; continue a training run with 'edge-siamese train --resume --out RUN'"], stderr
+
+
+def test_a_process_that_hangs_ends_the_run_after_the_timeout_with_one_line(tmp_path):
+    """Rank 1 stopped (SIGSTOP) mid-training: rank 0 waits EDGE_SIAMESE_TIMEOUT_S (here 5 s) in a
+    collective, loses it, and the command ends every process with one line."""
+    proc, workers = _training(tmp_path / "run", {"EDGE_SIAMESE_TIMEOUT_S": "5"})
+    os.kill(workers[1], signal.SIGSTOP)
+    stderr = _ended(proc, workers, 180)
+    assert proc.returncode == 2 and stderr.strip().splitlines() == [stderr.strip()], stderr
+    assert "training stopped: process 0 of 2 exited with status 3 (it lost the others" in stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gate is for machines without a GPU")
