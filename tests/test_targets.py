@@ -32,7 +32,7 @@ def test_cpu_target_writes_a_valid_document(bench_bundle, tmp_path):  # noqa: F8
     assert result["target"] == {"name": "cpu", "emulated": False}
     assert result["bundle"]["manifest_sha256"] == sha256_file(bench_bundle / MANIFEST)
     assert result["settings"] == {
-        "runtime": None, "threads": None, "batch": [1], "warmup": 5, "runs": 3, "min_seconds": None, "gallery": [100]
+        "runtime": None, "threads": None, "ort_memory": "default", "batch": [1], "warmup": 5, "runs": 3, "min_seconds": None, "gallery": [100]
     }
     assert [r["status"] for r in result["rows"]] == ["verified"] * 4
     for row in result["rows"]:
