@@ -73,13 +73,17 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     """
     out, world = Path(out), distributed.world_from_env()
     try:
-        return _train(config, out, resume, force, progress, world)
+        metrics = _train(config, out, resume, force, progress, world)
     except RuntimeError as exc:
-        if distributed.peer_lost(exc, world):
+        if distributed.peer_lost(exc, world):  # leaving the group would wait for the lost process too
             raise distributed.PeerLost(str(exc)) from None
-        raise
-    finally:
         distributed.stop(world)
+        raise
+    except BaseException:
+        distributed.stop(world)
+        raise
+    distributed.stop(world)
+    return metrics
 
 
 def _train(config: TrainConfig, out: Path, resume: bool, force: bool, progress: bool, world: distributed.World) -> dict:

@@ -207,6 +207,12 @@ def test_a_process_that_hangs_ends_the_run_after_the_timeout_with_one_line(tmp_p
     collective, loses it, and the command ends every process with one line."""
     proc, workers = _training(tmp_path / "run", {"EDGE_SIAMESE_TIMEOUT_S": "5"})
     os.kill(workers[1], signal.SIGSTOP)
+    deadline = time.monotonic() + 120
+    while _alive(workers[:1]) and time.monotonic() < deadline:  # rank 0 gives up on rank 1
+        time.sleep(0.1)
+    # The launcher now sends SIGTERM, which a hung process obeys but a stopped one holds until it
+    # runs again (the launcher then waits 30 s before SIGKILL): let it run.
+    os.kill(workers[1], signal.SIGCONT)
     stderr = _ended(proc, workers, 180)
     assert proc.returncode == 2 and stderr.strip().splitlines() == [stderr.strip()], stderr
     assert "training stopped: process 0 of 2 exited with status 3 (it lost the others" in stderr

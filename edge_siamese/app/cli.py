@@ -132,6 +132,7 @@ def launch_workers(nproc: int, argv: list[str]) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # each sets its own level; their lines say again what ours says
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+        shutdown_timeout=5,  # seconds a process has to end after SIGTERM before SIGKILL (a stopped one never does)
     )  # fmt: skip
     try:
         elastic_launch(config, sys.executable)("-m", "edge_siamese.app.cli", *argv)
