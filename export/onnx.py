@@ -131,10 +131,9 @@ def quantize_int8(job: ExportJob, path: Path, recipe: Recipe) -> None:
     _finish(path, job.metadata)
 
 
-def int8_layers(job: ExportJob) -> tuple[dict[str, int], int]:
+def int8_layers(job: ExportJob) -> dict[str, int]:
     """The fp32 file's nodes that ``quantize_static`` quantizes, by name, with their
-    multiply-accumulates per image (Conv, Gemm and MatMul; 0 for the others), and those of the
-    nodes that always stay float (none)."""
+    multiply-accumulates per image (Conv, Gemm and MatMul; 0 for the others)."""
     import onnx
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -153,7 +152,7 @@ def int8_layers(job: ExportJob) -> tuple[dict[str, int], int]:
         else:  # (.., K) x (K, N) -> (.., N), or Gemm's transposed weight: K products per output value
             k = weight[-1] if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute) else weight[-2]
             layers[node.name] = int(np.prod(out[1:])) * int(k)
-    return layers, 0
+    return layers
 
 
 def export_int8(job: ExportJob, path: Path) -> dict | None:

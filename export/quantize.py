@@ -106,8 +106,8 @@ def search_int8(job: ExportJob, writer: ModuleType, fmt: str, path: Path) -> dic
             writer.quantize_int8(job, scratch / path.name, RECIPES["minmax"])
             shutil.move(scratch / path.name, path)
             return None
-        layers, float_macs = writer.int8_layers(job)
-        total_macs = sum(layers.values()) + float_macs
+        layers = writer.int8_layers(job)
+        total_macs = sum(layers.values())
 
         def attempt(name: str, kind: str, recipe: Recipe) -> Attempt:
             t = time.perf_counter()

@@ -170,10 +170,10 @@ def quantize_int8(job: ExportJob, path: Path, recipe: Recipe) -> None:
     _quantize(job, path, manager.get_quantization_recipe(), job.calibration_set(recipe.calibration_multiple))
 
 
-def int8_layers(job: ExportJob) -> tuple[dict[str, int], int]:
+def int8_layers(job: ExportJob) -> dict[str, int]:
     """The layers the int8 recipes quantize, with their multiply-accumulates per image (0 for
-    pads, pools and adds), and those of the layers that always stay float (none)."""
-    return {layer: macs for layer, (_, macs) in _int8_ops(job).items()}, 0
+    pads, pools and adds)."""
+    return {layer: macs for layer, (_, macs) in _int8_ops(job).items()}
 
 
 def export_int8(job: ExportJob, path: Path) -> dict | None:
