@@ -145,7 +145,7 @@ def export_run(
 
     distance, weights = run.loss.distance.name, run.loss.distance.weights_array()
     reference = _reference(run.model, test_x)
-    validation = _gate(run.model, data, calibration_order[::-1], distance, weights)
+    validation = _gate(run.model, data, calibration_order[::-1], distance, weights) if "int8" in precisions else None
     final = _final_metrics(run, data)
     check_free_space(out, run.model, len(formats) * len(precisions), raw.nbytes)
 

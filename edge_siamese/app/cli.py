@@ -222,7 +222,6 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
     bad = [r for r in rows if r.status != "verified"]
     if written is None:
         details = "; ".join(f"{r.format} {r.precision}: {r.problem}" for r in bad)
-        searched = [r for r in bad if r.int8]
         tried = "".join(
             f"The {r.format} int8 file passed on the search's images but not on the test images. " if r.int8["passed_gate"]
             else f"The int8 search tried {len(r.int8['attempts'])} {r.format} files (above). "
