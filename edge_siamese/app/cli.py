@@ -367,6 +367,20 @@ def ints(text: str, name: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
     try:
+        _main(argv)
+    except SystemExit as exc:
+        if "WORLD_SIZE" not in os.environ:
+            raise
+        # One of several training processes: its files are closed, its group left or lost. Skip the
+        # interpreter's teardown, where Gloo threads still waiting on a lost peer abort the process
+        # with "terminate called without an active exception" on stderr.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+
+
+def _main(argv: list[str] | None) -> None:
+    try:
         cli.main(args=argv, standalone_mode=False, obj={"argv": sys.argv[1:] if argv is None else list(argv)})
     except (UserError, BundleError) as exc:
         click.echo(f"error: {exc}", err=True)
