@@ -152,11 +152,11 @@ def describe(run_dir: Path) -> tuple[int, float]:
     from edge_siamese.checkpoints import load_run
     from edge_siamese.models import embed
     from edge_siamese.run import prepare_data, read_index
-    from export.exporter import FIDELITY_SAMPLES
+    from export.exporter import EVAL_SAMPLES
 
     run = load_run(run_dir)
     data = prepare_data(run.config, run.preprocessing, read_index(run_dir))
-    embeddings = embed(run.model, torch.from_numpy(data.preprocessing(data.images("test", slice(0, FIDELITY_SAMPLES))))).numpy()
+    embeddings = embed(run.model, torch.from_numpy(data.preprocessing(data.images("test", slice(0, EVAL_SAMPLES))))).numpy()
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     cosines, n = unit @ unit.T, len(unit)
     return sum(p.numel() for p in run.model.parameters()), float((cosines.sum() - np.trace(cosines)) / (n * (n - 1)))

@@ -84,6 +84,7 @@ SCHEMA = {
     "eval": DATA_FILE,
     "golden": DATA_FILE,
     "files": (list,),
+    "qat": Optional((dict,)),  # made from a quantization-aware fine-tune of the run's model (export.qat)
 }
 
 

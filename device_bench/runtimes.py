@@ -25,6 +25,8 @@ INSTALL_HINTS = {
 # ONNX Runtime's session options per memory mode. "lean": no CPU arena (freed tensors go back to
 # the system allocator instead of staying reserved) and no memory pattern (no block planned ahead
 # per input shape): less resident memory, at some cost in latency.
+RUN_BATCH = 256  # images per session call in run()
+
 ORT_MEMORY = {"default": {}, "lean": {"enable_cpu_mem_arena": False, "enable_mem_pattern": False}}
 
 
@@ -51,8 +53,9 @@ class OnnxRuntime:
         }
 
     def run(self, inputs: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(inputs, dtype=np.float32)})
-        return out.astype(np.float32)
+        """At most ``RUN_BATCH`` images a call, so that a large set needs a batch's memory only."""
+        outputs = [self.session.run(None, {self.input_name: np.ascontiguousarray(inputs[i : i + RUN_BATCH], dtype=np.float32)})[0] for i in range(0, len(inputs), RUN_BATCH)]
+        return np.concatenate(outputs).astype(np.float32)
 
 
 class _TFLiteInterpreter:

@@ -86,6 +86,13 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     return metrics
 
 
+def pk_sampler(config: TrainConfig, train_labels: np.ndarray) -> PKSampler:
+    """The P x K batches of an epoch as ``config`` sets them: ``batch_size`` images, ``samples_per_class`` per class."""
+    classes_per_batch = max(2, config.batch_size // config.samples_per_class)
+    num_batches = max(1, len(train_labels) // config.batch_size)
+    return PKSampler(train_labels, classes_per_batch, config.samples_per_class, num_batches, seed=config.seed)
+
+
 def _train(config: TrainConfig, out: Path, resume: bool, force: bool, progress: bool, world: distributed.World) -> dict:
     progress = progress and world.is_main
     if resume:
@@ -129,10 +136,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, force: bool, progress: 
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
 
-    train_labels = data.labels("train")
-    classes_per_batch = max(2, config.batch_size // config.samples_per_class)
-    num_batches = max(1, len(train_labels) // config.batch_size)
-    sampler = PKSampler(train_labels, classes_per_batch, config.samples_per_class, num_batches, seed=config.seed)
+    sampler = pk_sampler(config, data.labels("train"))
+    num_batches = len(sampler)
     batches = data.train_loader(distributed.ShardedBatches(sampler, world) if world.size > 1 else sampler, config.augment)
 
     history: list[dict] = []

@@ -16,7 +16,9 @@ from device_bench.manifest import read_bundle
 from edge_siamese.checkpoints import load_run
 from export import onnx as onnx_export
 from export import tflite as tflite_export
-from export.exporter import export_run
+from edge_siamese.config import TrainConfig
+from edge_siamese.train import train
+from export.exporter import GATE_SAMPLES, export_run
 from export.job import ExportJob
 from export.quantize import MIN_INT8_MAC_FRACTION, Recipe
 
@@ -68,18 +70,19 @@ def test_an_exhausted_search_tries_every_recipe_then_mixed_precision_and_keeps_t
     entry = read_bundle(bundle).file(fmt, "int8")
     assert entry["status"] == "degraded" and entry["int8"] == record
     assert record["calibration_samples"] == 256 * record["calibration_multiple"]
-    assert record["gate_images"] == 500  # digits' 144 validation images, topped up with training images
+    assert record["gate_images"] == 144 + 1038  # digits' validation images, topped up with every training image outside the 256 calibrated on
 
 
 def test_a_large_validation_split_alone_feeds_the_search(tmp_path):
-    """7,000 images: 560 of them validation, so the search measures 500 of those and no training image."""
+    """7,000 images, 3,150 of them validation (val_fraction 0.45), so the search
+    measures GATE_SAMPLES of those and no training image."""
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(10), 700)
     images = (rng.integers(0, 60, size=(7000, 8, 8)) + 19 * labels[:, None, None]).astype(np.uint8)
     np.savez(tmp_path / "data.npz", images=images, labels=labels)
-    run_cli("train", "--dataset", tmp_path / "data.npz", "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    train(TrainConfig(dataset=str(tmp_path / "data.npz"), epochs=1, val_fraction=0.45, workers=0), tmp_path / "run", progress=False)
     rows, _ = export_run(tmp_path / "run", tmp_path / "bundle", ["onnx"], ["fp32", "int8"], allow_degraded=True, progress=False)
-    assert rows[1].int8["gate_images"] == 500 and rows[1].int8["attempts"]
+    assert rows[1].int8["gate_images"] == GATE_SAMPLES and rows[1].int8["attempts"]
 
 
 @pytest.mark.parametrize("fmt", WRITERS)

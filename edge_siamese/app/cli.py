@@ -192,10 +192,11 @@ def evaluate(run_dir, split, pairs, json_path, device, force) -> None:
 @click.option("--calib-data", default=None, help="Where the run's dataset is now, if it moved.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder  [default: RUN/bundle]")
 @click.option("--zip", "make_zip", is_flag=True, help="Also write BUNDLE.zip.")
+@click.option("--qat", "qat_epochs", type=int, default=0, help="When no post-training int8 file passes its gate: fine-tune the model this many epochs under fake quantization and export that.")
 @click.option("--allow-degraded", is_flag=True, help="Write the bundle even if a file fails its fidelity check (marked degraded).")
 @click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, make_zip, allow_degraded, force, quiet) -> None:
+def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, make_zip, qat_epochs, allow_degraded, force, quiet) -> None:
     """Export a trained run to ONNX / TFLite (fp32, fp16, int8), check each file, write a bundle."""
     from export.exporter import export_run, parse_formats
 
@@ -205,11 +206,16 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
         click.echo("note: TFLite skipped (pip install 'edge-siamese[tflite]' to add it)", err=True)
     out = out or Path(run_dir) / "bundle"
     rows, written = export_run(
-        run_dir, out, format_list, precisions, calib_samples, calib_data, force, make_zip, allow_degraded, progress=not quiet
+        run_dir, out, format_list, precisions, calib_samples, calib_data, force, make_zip, allow_degraded, progress=not quiet, qat_epochs=qat_epochs
     )
     for r in rows:
         if r.int8:
             _echo_int8_search(r.format, r.int8)
+    if rows and (q := rows[0].qat):
+        click.echo(
+            f"{q['why']}: quantization-aware fine-tune, {q['epochs']} epoch(s) at lr {q['lr']:g} ({q['seconds']:.1f} s); "
+            f"precision_at_1 on the test images {q['trained_precision_at_1']:.4f} trained, {q['precision_at_1']:.4f} fine-tuned; the files below are the fine-tuned model's"
+        )
     click.echo(f"{'format':<7} {'precision':<9} {'status':<9} {'size KB':>8} {'mean cos':>9} {'min cos':>9} {'rel err':>8} {'top-1 agree':>11} {'P@1':>6} {'P@1 torch':>9}")
     for r in rows:
         f = r.fidelity
