@@ -12,6 +12,7 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from device_bench.formats import PRECISIONS, Precision
 from device_bench.manifest import read_bundle
+from edge_siamese.app.cli import _echo_qat
 from edge_siamese.checkpoints import load_run
 from edge_siamese.models import embed
 from edge_siamese.run import prepare_data, read_index
@@ -76,12 +77,12 @@ def unreachable(shadow_run, tmp_path_factory):
     return rows, bundle
 
 
-def test_a_missed_gate_makes_the_bundle_from_the_fine_tuned_model(shadow_run, unreachable):
+def test_a_missed_gate_makes_the_bundle_from_the_fine_tuned_model(shadow_run, unreachable, capsys):
     rows, path = unreachable
     bundle = read_bundle(path)
     record = bundle.manifest["qat"]
     assert record["epochs"] == 1 and record["lr"] == pytest.approx(load_run(shadow_run).config.lr * qat.LR_FACTOR)
-    assert record["why"] == "post-training int8 missed the gate for onnx" and record["seconds"] > 0
+    assert record["why"] == "post-training int8 missed the gate for onnx" and record["fine_tune_s"] > 0
     assert all(r.qat == record for r in rows)
     # the golden embeddings, every file's reference, are the fine-tuned model's, not the run's
     golden = bundle.golden()
@@ -91,6 +92,9 @@ def test_a_missed_gate_makes_the_bundle_from_the_fine_tuned_model(shadow_run, un
     assert fp32["status"] == "verified", rows[0].problem
     assert fp32["fidelity"]["precision_at_1"] == pytest.approx(record["precision_at_1"])
     assert 0 < record["trained_precision_at_1"] <= 1 and record["trained_val_precision_at_1"] == json.loads((shadow_run / "metrics.json").read_text())["final"]["val_precision_at_1"]
+    _echo_qat(record)
+    said = capsys.readouterr().out
+    assert said.startswith("post-training int8 missed the gate for onnx: quantization-aware fine-tune, 1 epoch(s)") and f"{record['precision_at_1']:.4f} fine-tuned" in said
     int8 = bundle.file("onnx", "int8")
     assert int8["status"] == "degraded" and "relative error" in rows[1].problem  # the unreachable gate, still measured against the fine-tuned model
 

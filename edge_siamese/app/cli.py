@@ -211,11 +211,8 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
     for r in rows:
         if r.int8:
             _echo_int8_search(r.format, r.int8)
-    if rows and (q := rows[0].qat):
-        click.echo(
-            f"{q['why']}: quantization-aware fine-tune, {q['epochs']} epoch(s) at lr {q['lr']:g} ({q['seconds']:.1f} s); "
-            f"precision_at_1 on the test images {q['trained_precision_at_1']:.4f} trained, {q['precision_at_1']:.4f} fine-tuned; the files below are the fine-tuned model's"
-        )
+    if rows and rows[0].qat:
+        _echo_qat(rows[0].qat)
     click.echo(f"{'format':<7} {'precision':<9} {'status':<9} {'size KB':>8} {'mean cos':>9} {'min cos':>9} {'rel err':>8} {'top-1 agree':>11} {'P@1':>6} {'P@1 torch':>9}")
     for r in rows:
         f = r.fidelity
@@ -235,6 +232,14 @@ def export_cmd(run_dir, formats, int8, fp16, calib_samples, calib_data, out, mak
         )
         raise UserError(f"no bundle written: {details}. {tried}Pass --allow-degraded to keep the files that ran (marked degraded)")
     click.echo(f"wrote {written}" + (f" ({len(bad)} file(s) marked {', '.join(sorted({r.status for r in bad}))})" if bad else ""))
+
+
+def _echo_qat(q: dict) -> None:
+    """Why the bundle is the quantization-aware fine-tune's, and what the fine-tune did to precision_at_1."""
+    click.echo(
+        f"{q['why']}: quantization-aware fine-tune, {q['epochs']} epoch(s) at lr {q['lr']:g} ({q['fine_tune_s']:.1f} s); "
+        f"precision_at_1 on the test images {q['trained_precision_at_1']:.4f} trained, {q['precision_at_1']:.4f} fine-tuned; the files below are the fine-tuned model's"
+    )
 
 
 def _echo_int8_search(fmt: str, search: dict) -> None:
