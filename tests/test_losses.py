@@ -540,6 +540,20 @@ def test_every_registered_loss_trains_on_its_heads_output_with_a_distance_a_devi
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def test_triplet_squared_is_twice_normalised_shadow_at_twice_its_margin():
+    """On L2-normalised embeddings 1 - cos = ||a - x||^2 / 2: the twin's loss and gradients are
+    exactly twice Shadow's, for every batch (its default margin twice Shadow's)."""
+    assert LOSSES["triplet-squared"].margin == 2 * LOSSES["shadow"].margin
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(4, (24,), generator=gen)
+    unit = HEADS["l2"].module()
+    for m in (0.1, 0.3):
+        shadow, shadow_grad = loss_and_grad(lambda e: create_loss("shadow", 8, margin=m).double()(unit(e), labels), x)
+        twin, twin_grad = loss_and_grad(lambda e: create_loss("triplet-squared", 8, margin=2 * m).double()(unit(e), labels), x)
+        assert float(twin) == pytest.approx(2 * float(shadow), rel=1e-9) and torch.allclose(twin_grad, 2 * shadow_grad, atol=1e-12)
+
+
 def test_registry_unknown_name_raises():
     with pytest.raises(UserError, match="unknown loss 'nope'"):
         create_loss("nope", 8)
@@ -561,6 +575,7 @@ PML_TWINS = {
     "triplet": lambda margin: pml_losses.TripletMarginLoss(margin=margin, distance=LpDistance()),
     # pml's hinge on similarities, s_an - s_ap + m, is (1 - cos_ap) - (1 - cos_an) + m.
     "shadow": lambda margin: pml_losses.TripletMarginLoss(margin=margin, distance=CosineSimilarity()),
+    "triplet-squared": lambda margin: pml_losses.TripletMarginLoss(margin=margin, distance=LpDistance(power=2)),
 }
 
 

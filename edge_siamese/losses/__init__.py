@@ -36,8 +36,9 @@ class LossSpec:
 
     @property
     def margin(self) -> float | None:
-        parameter = inspect.signature(self.cls).parameters.get("margin")
-        return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+        if "margin" in self.kwargs:
+            return self.kwargs["margin"]
+        return _default_margin(self.cls)
 
     def build(self, embedding_dim: int, margin: float | None = None) -> nn.Module:
         args = dict(self.kwargs)
@@ -48,9 +49,18 @@ class LossSpec:
         return self.cls(**args)
 
 
+def _default_margin(cls: type[nn.Module]) -> float | None:
+    parameter = inspect.signature(cls).parameters.get("margin")
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 LOSSES: dict[str, LossSpec] = {
     "triplet": LossSpec(TripletMarginLoss, head="l2"),
     "shadow": LossSpec(ShadowLoss, head="l2", kwargs={"normalize": True}),
+    # Shadow's algebraic twin: on the unit sphere 1 - cos(a, x) = ||a - x||^2 / 2, so normalised
+    # Shadow at margin m is half the squared-Euclidean triplet at margin 2m. A gain of Shadow over
+    # "triplet" that this loss shares comes from the change of distance, not from the shadow.
+    "triplet-squared": LossSpec(TripletMarginLoss, head="l2", kwargs={"squared": True, "margin": 2 * _default_margin(ShadowLoss)}),
     "shadow-raw": LossSpec(ShadowLoss, head="none", kwargs={"normalize": False}),
     "lossless": LossSpec(LosslessTripletLoss, head="sigmoid"),
     "contrastive": LossSpec(ContrastiveLoss, head="none"),
