@@ -44,7 +44,7 @@ NON_FINITE = ("nan", "inf", "finite")
 QUICK_DEVICE_BENCH = ["--format", "onnx", "--precision", "fp32", "--warmup", "0", "--gallery", "10", "--batch", "1"]
 QUICK_BENCH = ["--format", "onnx", "--precision", "fp32", "--warmup", "0", "--runs", "1", "--gallery", "10", "--batch", "1"]
 # The smallest compare: two 1-epoch runs, ONNX only.
-TINY_COMPARE = {"--seeds": "1", "--epochs": "1", "--dims": "4", "--losses": "shadow", "--baseline-dim": "8", "--formats": "onnx"}
+TINY_COMPARE = {"--seeds": "1", "--epochs": "1", "--trials": "1", "--dims": "4", "--losses": "shadow", "--baseline-dim": "8", "--formats": "onnx"}
 
 
 @dataclass
@@ -804,6 +804,11 @@ def _(t):
 @case("compare--baseline-dim-0")
 def _(t):
     return Case(tiny_compare(t.path("report"), baseline_dim="0"), ("--baseline-dim",))
+
+
+@case("compare--trials-0")
+def _(t):
+    return Case(tiny_compare(t.path("report"), trials="0"), ("tuning trial",))
 
 
 @case("compare--dims-4,4")

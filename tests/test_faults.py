@@ -19,7 +19,7 @@ import pytest
 
 from conftest import CLI, assert_one_line_error, run_cli
 
-TINY_COMPARE = ["compare", "--seeds", "1", "--epochs", "1", "--dims", "4", "--losses", "shadow", "--baseline-dim", "8", "--formats", "onnx", "--quiet"]
+TINY_COMPARE = ["compare", "--seeds", "1", "--epochs", "1", "--trials", "1", "--dims", "4", "--losses", "shadow", "--baseline-dim", "8", "--formats", "onnx", "--quiet"]
 QUICK_BENCH = ["--format", "onnx", "--precision", "fp32", "--warmup", "0", "--runs", "1", "--gallery", "10", "--batch", "1"]
 TEMPORARY_NAME = re.compile(r"tmp|temp|staging|partial", re.IGNORECASE)
 # What this project's code would name a temporary in $TMPDIR: tempfile's default names, or its own

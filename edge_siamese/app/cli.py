@@ -319,12 +319,13 @@ def bench(bundle, target, run_dir, formats, precision, batch, warmup, runs, gall
 @click.option("--losses", default=None, help=f"Comma-separated  [default: {listed(COMPARE.losses)}]")
 @click.option("--seeds", type=int, default=None, help=f"[default: {COMPARE.seeds}]")
 @click.option("--epochs", type=int, default=None, help=f"[default: {COMPARE.epochs}]")
+@click.option("--trials", type=int, default=None, help=f"Tuning runs per loss and dim, on validation images  [default: {COMPARE.trials}]")
 @click.option("--formats", default=None, help="[default: onnx, plus tflite when its extra is installed]")
 @click.option("--targets", default=listed(COMPARE.targets), show_default=True, help="Comma-separated: cpu, cuda, arm64-emulated")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
 @click.option("--force", is_flag=True, help="Start over in an --out that holds another compare.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds, epochs, formats, targets, out, force, quiet) -> None:
+def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds, epochs, trials, formats, targets, out, force, quiet) -> None:
     """The main job: Shadow vs triplet at low dims, every figure against the triplet baseline."""
     from export.exporter import parse_formats
 
@@ -332,7 +333,7 @@ def compare(preset, dataset, split, backbone, baseline_dim, dims, losses, seeds,
 
     settings = dict(PRESETS[preset])
     given = {
-        "dataset": dataset, "split": split, "backbone": backbone, "baseline_dim": baseline_dim, "seeds": seeds, "epochs": epochs,
+        "dataset": dataset, "split": split, "backbone": backbone, "baseline_dim": baseline_dim, "seeds": seeds, "epochs": epochs, "trials": trials,
         "dims": ints(dims, "dims") if dims else None,
         "losses": [l.strip() for l in losses.split(",") if l.strip()] if losses else None,
     }

@@ -1,6 +1,10 @@
-"""``edge-siamese compare``: the main job. Train the triplet baseline and, at each low dimension,
-Shadow (normalised and raw) and triplet under the same data, backbone, epochs and batches; export
-each at fp32 and int8; measure on each target; report every figure against the baseline.
+"""``edge-siamese compare``: the main job, held to "A Metric Learning Reality Check" (Musgrave,
+Belongie, Lim, ECCV 2020). Train the triplet baseline and, at each low dimension, Shadow
+(normalised and raw), its algebraic twin (``triplet-squared``) and triplet under the same data,
+backbone, epochs and batches, each loss's margin first tuned on the validation images of the
+training classes with the same number of trials; test on classes never trained on; export each
+at fp32 and int8 and evaluate every file on the same test images as its PyTorch model; measure
+on each target; report every figure against the baseline, MAP@R first.
 
 Work already in ``--out`` with the same configuration is reused, so an interrupted compare
 resumes. Nothing here trains, exports or measures by itself: it drives ``train``, ``evaluate``,
@@ -11,13 +15,13 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from device_bench.bench import eval_accuracy
 from device_bench.files import folder_problem, write_json
 from device_bench.formats import PRECISIONS
 from device_bench.manifest import read_bundle
@@ -29,7 +33,8 @@ from ..checkpoints import METRICS, load_run, read_config
 from ..config import TrainConfig
 from ..models import MAX_DIM, MIN_DIM
 from ..errors import UserError
-from ..evaluate import embed_split, evaluate_run
+from ..evaluate import embed_split, embedding_metrics, evaluate_run
+from ..losses import LOSSES
 from ..files import remove_result_folder
 from ..progress import progress_bar
 from ..run import prepare_data, read_index
@@ -38,7 +43,8 @@ from .report import with_ci, write_report
 from .targets import TARGETS, BenchSettings, run_target
 
 COMPARE_TARGETS = tuple(name for name, target in TARGETS.items() if target.in_compare)
-METRICS_SHOWN = ("precision_at_1", "mean_average_precision_at_r", "tar_at_far_1e-3")
+METRICS_SHOWN = ("mean_average_precision_at_r", "precision_at_1", "tar_at_far_1e-3")
+TWIN = {"triplet-squared": "shadow"}  # a twin -> the loss it mirrors: its margin is twice that loss's tuned one, not tuned itself
 PRESETS = {
     "default": {},
     "paper": {"dataset": "fashion-mnist", "split": "classes", "seeds": 5, "epochs": 30, "dims": [2, 4, 8, 16, 32]},
@@ -48,13 +54,14 @@ PRESETS = {
 @dataclass
 class CompareConfig:
     dataset: str = "digits"
-    split: str = "samples"
+    split: str = "classes"  # test classes never seen in training
     backbone: str = "convnet"
     baseline_dim: int = 128
     dims: list[int] = field(default_factory=lambda: [4, 8, 16])
-    losses: list[str] = field(default_factory=lambda: ["shadow", "shadow-raw", "triplet"])
+    losses: list[str] = field(default_factory=lambda: ["shadow", "triplet-squared", "shadow-raw", "triplet"])
     seeds: int = 3
-    epochs: int = 20
+    epochs: int = 10
+    trials: int = 3  # tuning runs per (loss, dim): the default margin (or learning rate) times TRIAL_FACTORS
     formats: list[str] = field(default_factory=default_formats)
     targets: list[str] = field(default_factory=lambda: ["cpu"])
     bench_runs: int = 30
@@ -68,8 +75,13 @@ class CompareConfig:
             out += [(loss, dim, seed) for dim in self.dims for loss in self.losses]
         return out
 
-    def train_config(self, loss: str, dim: int, seed: int) -> TrainConfig:
-        return TrainConfig(dataset=self.dataset, split=self.split, backbone=self.backbone, loss=loss, embedding_dim=dim, epochs=self.epochs, seed=seed).validate()
+    def models(self) -> list[tuple[str, int]]:
+        """Every (loss, dim): the baseline first."""
+        return [("triplet", self.baseline_dim)] + [(loss, dim) for dim in self.dims for loss in self.losses]
+
+    def train_config(self, loss: str, dim: int, seed: int, **tuned: float) -> TrainConfig:
+        """The run of (loss, dim, seed), with a tuned ``margin`` or ``lr`` when given."""
+        return TrainConfig(dataset=self.dataset, split=self.split, backbone=self.backbone, loss=loss, embedding_dim=dim, epochs=self.epochs, seed=seed, **tuned).validate()
 
     def validate(self) -> "CompareConfig":
         """Raise ``UserError`` at the first bad setting, before any work (or any --force removal)."""
@@ -77,8 +89,8 @@ class CompareConfig:
         for t in self.targets:
             if t not in COMPARE_TARGETS:
                 raise UserError(f"unknown target {t!r}: choose from {', '.join(COMPARE_TARGETS)}")
-        if self.seeds < 1 or not self.dims or not self.losses:
-            raise UserError("compare needs at least one seed, one dim and one loss")
+        if self.seeds < 1 or not self.dims or not self.losses or self.trials < 1:
+            raise UserError("compare needs at least one seed, one dim, one loss and one tuning trial")
         for option, values in (("--dims", self.dims), ("--losses", self.losses), ("--targets", self.targets)):
             repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
             if repeated:
@@ -94,12 +106,20 @@ class CompareConfig:
 
 
 def mean_ci(values: list[float]) -> dict:
-    """Mean and the half-width of its 95% t-interval (None with one value: no interval; results.json is strict JSON)."""
+    """Mean and the half-width of its 95% t-interval over ``n`` runs. results.json is strict JSON:
+    what cannot be a number is null with a ``reason`` (one run gives no interval; a run whose
+    figure is not finite leaves no mean)."""
     v = np.asarray(values, dtype=float)
     from scipy import stats  # here: scipy.stats costs every command's start ~0.6 s
 
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
-    return {"mean": float(v.mean()), "ci95": half, "n": int(len(v)), "values": [float(x) for x in v]}
+    finite = np.isfinite(v)
+    listed = [float(x) if ok else None for x, ok in zip(v, finite)]
+    if not finite.all():
+        return {"mean": None, "ci95": None, "n": int(len(v)), "values": listed, "reason": f"{int((~finite).sum())} of {len(v)} runs gave no finite value"}
+    if len(v) == 1:
+        return {"mean": float(v[0]), "ci95": None, "n": 1, "values": listed, "reason": "one run: no interval"}
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return {"mean": float(v.mean()), "ci95": half, "n": int(len(v)), "values": listed}
 
 
 def paired_delta(values: list[float], baseline: list[float]) -> dict:
@@ -126,18 +146,67 @@ def _train_or_reuse(config: TrainConfig, run_dir: Path) -> None:
     train(config, run_dir, force=True, progress=False)
 
 
-def _file_metrics(bundle_dir: Path) -> dict:
-    """Retrieval metrics of each exported file on the bundle's held-out set, run in its runtime."""
+def trial_values(default: float, trials: int) -> list[float]:
+    """``trials`` values around a loss's default, from half to twice it on a log scale (the default alone for one)."""
+    factors = np.geomspace(0.5, 2.0, trials) if trials > 1 else np.ones(1)
+    return [float(f"{default * f:.4g}") for f in factors]
+
+
+def tuned_parameter(loss: str) -> str:
+    """What a loss's trials vary: its margin, or the learning rate when it has none."""
+    return "margin" if LOSSES[loss].margin is not None else "lr"
+
+
+def tune(config: CompareConfig, out: Path, bar) -> dict[str, dict]:
+    """Each (loss, dim)'s margin (or learning rate) chosen on the validation images of the training
+    classes by MAP@R, from ``config.trials`` runs of seed 0 that differ in that value alone; the
+    same number for every loss. A twin (``TWIN``) takes twice its loss's chosen margin."""
+    tuning = {}
+    for loss, dim in [m for m in config.models() if not _mirrors(config, m[0])]:
+        parameter = tuned_parameter(loss)
+        default = LOSSES[loss].margin if parameter == "margin" else TrainConfig.lr
+        trials = []
+        for value in trial_values(default, config.trials):
+            bar.set_postfix_str(f"tuning {loss} d={dim} {parameter} {value:g}")
+            run_dir = _trial_dir(out, loss, dim, parameter, value)
+            _train_or_reuse(config.train_config(loss, dim, 0, **{parameter: value}), run_dir)
+            final = json.loads((run_dir / METRICS).read_text())["final"]
+            trials.append({"value": value, **{f"val_{k}": final[f"val_{k}"] for k in ("mean_average_precision_at_r", "precision_at_1")}})
+            bar.update()
+        best = max(trials, key=lambda t: t["val_mean_average_precision_at_r"])  # the first of equals
+        tuning[f"{loss}-d{dim}"] = {"parameter": parameter, "default": default, "trials": trials, "chosen": best["value"]}
+    for loss, dim in [m for m in config.models() if _mirrors(config, m[0])]:
+        tuning[f"{loss}-d{dim}"] = {"parameter": "margin", "default": LOSSES[loss].margin, "trials": [], "twin_of": TWIN[loss], "chosen": 2 * tuning[f"{TWIN[loss]}-d{dim}"]["chosen"]}
+    return tuning
+
+
+def _mirrors(config: CompareConfig, loss: str) -> bool:
+    return loss in TWIN and TWIN[loss] in config.losses
+
+
+def _trial_dir(out: Path, loss: str, dim: int, parameter: str, value: float) -> Path:
+    return out / "tuning" / f"{loss}-d{dim}-{parameter}{value:g}"
+
+
+def _file_metrics(run_dir: Path, bundle_dir: Path) -> dict:
+    """Retrieval metrics of each exported file, run in its runtime, on the run's whole test split:
+    the images its PyTorch row is evaluated on, so that a row's difference is the export's cost."""
+    run = load_run(run_dir)
+    data = prepare_data(run.config, run.preprocessing, read_index(run_dir))
+    labels = data.labels("test")
     bundle = read_bundle(bundle_dir)
     out = {}
     for entry in bundle.files:
-        m = eval_accuracy(bundle, open_runtime(bundle.path / entry["path"], entry["format"]))
+        runtime = open_runtime(bundle.path / entry["path"], entry["format"])
+        embeddings = np.concatenate([runtime.run(inputs.numpy()) for inputs, _ in data.batches("test")])
+        m = embedding_metrics(embeddings, labels, run.loss.distance)
         out[entry["path"]] = {
             "format": entry["format"],
             "precision": entry["precision"],
             "status": entry["status"],
             "size_bytes": entry["size_bytes"],
             "mean_cosine": entry["fidelity"]["mean_cosine"],
+            "num_samples": len(labels),
             **{k: m[k] for k in METRICS_SHOWN},
         }
     return out
@@ -179,11 +248,17 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
 
     started = time.perf_counter()
     runs = {}
-    bar = progress_bar(len(specs), "compare", enabled=progress, unit="run")
+    tuning_runs = sum(config.trials for loss, _ in config.models() if not _mirrors(config, loss))
+    bar = progress_bar(tuning_runs + len(specs), "compare", enabled=progress, unit="run")
+    tuning = tune(config, out, bar)
     for loss, dim, seed in specs:
         bar.set_postfix_str(f"{loss} d={dim} seed {seed}")
         run_dir = _run_dir(out, loss, dim, seed)
-        _train_or_reuse(config.train_config(loss, dim, seed), run_dir)
+        chosen = tuning[f"{loss}-d{dim}"]
+        trial = _trial_dir(out, loss, dim, chosen["parameter"], chosen["chosen"])
+        if seed == 0 and not run_dir.exists() and (trial / METRICS).exists():
+            shutil.copytree(trial, run_dir)  # the tuning's run of the chosen value is seed 0's
+        _train_or_reuse(config.train_config(loss, dim, seed, **{chosen["parameter"]: chosen["chosen"]}), run_dir)
         evaluation_path = run_dir / "evaluation.json"
         if not evaluation_path.exists():
             write_json(evaluation_path, evaluate_run(run_dir, "test", "cpu"))
@@ -192,12 +267,13 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
             export_run(run_dir, bundle, config.formats, ["fp32", "int8"], force=True, allow_degraded=True, progress=False)
         files_path = run_dir / "file_metrics.json"
         if not files_path.exists():
-            write_json(files_path, _file_metrics(bundle))
+            write_json(files_path, _file_metrics(run_dir, bundle))
         metrics = json.loads((run_dir / METRICS).read_text())
         runs[f"{loss}-d{dim}-s{seed}"] = {
             "loss": loss,
             "dim": dim,
             "seed": seed,
+            chosen["parameter"]: chosen["chosen"],
             "test": json.loads(evaluation_path.read_text()),
             "files": json.loads(files_path.read_text()),
             "train_time_s": metrics["train_time_s"],
@@ -209,7 +285,7 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
     bar.close()
 
     bench = {}
-    models = [("triplet", config.baseline_dim)] + [(loss, dim) for dim in config.dims for loss in config.losses]
+    models = config.models()
     bar = progress_bar(len(config.targets) * len(models) + 1, "benchmark and report", enabled=progress, unit="step")
     for target in config.targets:
         bench[target] = {}
@@ -232,6 +308,7 @@ def run_compare(config: CompareConfig, out: Path, force: bool = False, progress:
         "config": asdict(config),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
         "elapsed_s": time.perf_counter() - started,
+        "tuning": tuning,
         "runs": runs,
         "summary": summarize(config, runs, bench),
         "bench": bench,
@@ -262,7 +339,7 @@ def _embeddings_2d(config: CompareConfig, out: Path) -> dict[str, tuple[np.ndarr
 def summarize(config: CompareConfig, runs: dict, bench: dict) -> dict:
     """Per model (loss, dim) and per exported file: mean ± CI over seeds and Δ vs the baseline."""
     seeds = range(config.seeds)
-    models = [("triplet", config.baseline_dim)] + [(loss, dim) for dim in config.dims for loss in config.losses]
+    models = config.models()
 
     def per_seed(loss, dim, getter):
         return [getter(runs[f"{loss}-d{dim}-s{s}"]) for s in seeds]
@@ -313,36 +390,67 @@ def summarize(config: CompareConfig, runs: dict, bench: dict) -> dict:
                 elif "not_measured" in result:
                     row["bench"][target] = {"not_measured": result["not_measured"]}
             rows.append(row)
-    return {"rows": rows, "verdict": verdict(config, rows)}
+    answer, details = verdict(config, rows)
+    return {"rows": rows, "verdict": answer, "details": details}
 
 
-def verdict(config: CompareConfig, rows: list[dict]) -> list[str]:
-    """Plain sentences on what the data shows, Shadow's losses as plainly as its wins."""
+def verdict(config: CompareConfig, rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The answer in three lines (the best low-dimension model against the baseline; Shadow
+    against triplet; Shadow against its twin), then the details per dimension: plain sentences,
+    Shadow's losses as plainly as its wins, MAP@R first."""
     torch_rows = {(r["loss"], r["dim"]): r for r in rows if r["format"] == "pytorch"}
+    base = torch_rows[("triplet", config.baseline_dim)]
     n = config.seeds
-    lines = [f"Each figure is the mean of {n} seed(s) with its 95% confidence interval; a difference is called significant when its paired CI excludes zero." + (" One seed gives no interval: nothing can be called significant." if n == 1 else "")]
+
+    def delta(row: dict, other: dict, name: str) -> str:
+        d = paired_delta(row[name]["values"], other[name]["values"])
+        return with_ci(d, "+") + (" *" if d["significant"] else "")
+
+    low = [torch_rows[(loss, dim)] for dim in config.dims for loss in config.losses]
+    best = max(low, key=lambda r: -np.inf if r["mean_average_precision_at_r"]["mean"] is None else r["mean_average_precision_at_r"]["mean"])
+    int8 = next((r for r in rows if (r["loss"], r["dim"]) == (best["loss"], best["dim"]) and r["precision"] == "int8"), None)
+    deployed = ""
+    if int8 is not None:
+        cpu = int8["bench"].get("cpu", {})
+        latency = f", p50 {cpu['p50_ms']:.3f} ms on this CPU" if "p50_ms" in cpu else ", latency not measured"
+        deployed = f"; its int8 {int8['format']} file {int8['size_bytes'] / 1024:.0f} KB ({int8['status']}){latency}"
+    answer = [
+        f"Best low-dimension model: {best['loss']} d={best['dim']}, MAP@R {_mean(best['mean_average_precision_at_r'])} against the "
+        f"d={config.baseline_dim} triplet baseline's {_mean(base['mean_average_precision_at_r'])} (Δ {delta(best, base, 'mean_average_precision_at_r')}; "
+        f"precision_at_1 Δ {delta(best, base, 'precision_at_1')}); {best['dim']} B per identity in an int8 gallery against "
+        f"{4 * config.baseline_dim} B for the baseline at fp32{deployed}.",
+        _versus(config, torch_rows, "shadow", "triplet", "Shadow against triplet at the same dim", delta),
+        _versus(config, torch_rows, "shadow", "triplet-squared", "Shadow against its twin (triplet-squared at twice Shadow's margin)", delta),
+    ]
+    details = [
+        f"Each figure is the mean of {n} seed(s) with its 95% confidence interval on test classes never trained on; * marks a paired difference whose CI excludes zero."
+        + (" One seed gives no interval: nothing can be called significant." if n == 1 else "")
+    ]
     for dim in config.dims:
-        if ("triplet", dim) not in torch_rows:
-            continue
-        trip = torch_rows[("triplet", dim)]
-        for loss in [l for l in config.losses if l != "triplet"]:
-            row = torch_rows[(loss, dim)]
-            for name in ("precision_at_1", "mean_average_precision_at_r"):
-                d = paired_delta(row[name]["values"], trip[name]["values"])
-                word = "better than" if d["mean"] > 0 else "worse than"
-                if not d["significant"]:
-                    word = "not significantly different from"
-                lines.append(
-                    f"d={dim}: {loss} {name} {row[name]['mean']:.4f} vs triplet {trip[name]['mean']:.4f} "
-                    f"(Δ {with_ci(d, '+')}): {word} triplet at the same dim."
-                )
         for loss in config.losses:
             row = torch_rows[(loss, dim)]
-            d = row["delta_precision_at_1"]
-            state = "significantly below" if d["significant"] and d["mean"] < 0 else "significantly above" if d["significant"] else "within noise of"
-            lines.append(
-                f"d={dim}: {loss} is {state} the d={config.baseline_dim} triplet baseline on precision_at_1 "
-                f"(Δ {with_ci(d, '+')}); its int8 gallery takes {dim} B per identity against "
-                f"{4 * config.baseline_dim} B for the baseline at fp32."
+            details.append(
+                f"d={dim}: {loss} MAP@R {_mean(row['mean_average_precision_at_r'])}, precision_at_1 {_mean(row['precision_at_1'])}; "
+                f"against the d={config.baseline_dim} baseline Δ MAP@R {delta(row, base, 'mean_average_precision_at_r')}, Δ precision_at_1 {delta(row, base, 'precision_at_1')}"
+                + (f"; against triplet d={dim} Δ MAP@R {delta(row, torch_rows[('triplet', dim)], 'mean_average_precision_at_r')}" if loss != "triplet" and "triplet" in config.losses else "")
+                + "."
             )
-    return lines
+    return answer, details
+
+
+def _mean(stat: dict) -> str:
+    return "n/a" if stat["mean"] is None else f"{stat['mean']:.4f}"
+
+
+def _versus(config: CompareConfig, torch_rows: dict, loss: str, other: str, title: str, delta) -> str:
+    """One line: ``loss`` against ``other`` on MAP@R at each low dim, and whether any difference is significant."""
+    if loss not in config.losses or other not in config.losses:
+        return f"{title}: not measured ({loss if loss not in config.losses else other} is not among --losses)."
+    parts, significant = [], []
+    for dim in config.dims:
+        d = paired_delta(torch_rows[(loss, dim)]["mean_average_precision_at_r"]["values"], torch_rows[(other, dim)]["mean_average_precision_at_r"]["values"])
+        parts.append(f"d={dim} {delta(torch_rows[(loss, dim)], torch_rows[(other, dim)], 'mean_average_precision_at_r')}")
+        if d["significant"]:
+            significant.append(f"d={dim} ({'higher' if d['mean'] > 0 else 'lower'})")
+    found = f"significant at {', '.join(significant)}" if significant else "no significant difference" + (" (one seed: none can be)" if config.seeds == 1 else "")
+    return f"{title}, Δ MAP@R: {'; '.join(parts)}: {found}."

@@ -13,15 +13,22 @@ from device_bench.files import atomic_path
 from ..plots import pyplot
 
 COLUMNS = (
-    "loss", "dim", "format", "precision", "status", "P@1", "MAP@R", "TAR@FAR=1e-3", "ΔP@1 vs baseline",
+    "loss", "dim", "format", "precision", "status", "MAP@R", "P@1", "TAR@FAR=1e-3", "ΔMAP@R vs baseline", "ΔP@1 vs baseline",
     "size KB", "peak RSS MB", "p50 ms", "p99 ms", "gallery B/id", "train s", "train peak MB", "epochs to 95%",
 )
 
 
 def with_ci(stat: dict, sign: str = "") -> str:
-    """``mean ± ci95``, or the mean alone when one run gives no interval."""
+    """``mean ± ci95``, the mean alone when one run gives no interval, ``n/a`` when there is no mean."""
+    if stat["mean"] is None:
+        return "n/a"
     text = f"{stat['mean']:{sign}.4f}"
     return text if stat["ci95"] is None else f"{text} ± {stat['ci95']:.4f}"
+
+
+def _value(stat: dict) -> float:
+    """A figure for a plot: NaN where results.json has none."""
+    return np.nan if stat["mean"] is None else stat["mean"]
 
 
 def _delta(stat: dict, baseline: bool) -> str:
@@ -43,8 +50,8 @@ def table_rows(results: dict, target: str) -> list[list[str]]:
         out.append([
             r["loss"], str(r["dim"]), r["format"], r["precision"],
             r["status"] + (f" ({r['degraded_seeds']}/{results['config']['seeds']})" if r["status"] == "degraded" else ""),
-            with_ci(r["precision_at_1"]), with_ci(r["mean_average_precision_at_r"]), with_ci(r["tar_at_far_1e-3"]),
-            _delta(r["delta_precision_at_1"], r["baseline"]),
+            with_ci(r["mean_average_precision_at_r"]), with_ci(r["precision_at_1"]), with_ci(r["tar_at_far_1e-3"]),
+            _delta(r["delta_mean_average_precision_at_r"], r["baseline"]), _delta(r["delta_precision_at_1"], r["baseline"]),
             f"{r['size_bytes'] / 1024:.1f}" if "size_bytes" in r else "-", *perf,
             str(r["gallery_bytes_per_identity"]), f"{r['train_time_s']['mean']:.1f}", f"{r['peak_train_rss_mb']['mean']:.0f}",
             f"{r['epochs_to_95']['mean']:.1f}",
@@ -67,18 +74,19 @@ def plot_all(results: dict, out: Path, embeddings_2d: dict[str, tuple[np.ndarray
     config, rows = results["config"], results["summary"]["rows"]
     figures = []
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for loss in config["losses"]:
-        pts = [r for r in rows if r["loss"] == loss and r["format"] == "pytorch" and not r["baseline"]]
-        ax.errorbar([r["dim"] for r in pts], [r["precision_at_1"]["mean"] for r in pts], yerr=[r["precision_at_1"]["ci95"] or 0 for r in pts], marker="o", capsize=3, label=loss)
     base = next(r for r in rows if r["baseline"] and r["format"] == "pytorch")
-    ax.axhline(base["precision_at_1"]["mean"], color="grey", ls="--", label=f"triplet d={config['baseline_dim']}")
-    ax.set(xscale="log", xlabel="embedding dim", ylabel="test precision@1", title="precision@1 vs embedding dim")
-    ax.set_xticks(config["dims"], [str(d) for d in config["dims"]])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.legend()
-    _save(fig, out / "p1_vs_dim.png")
-    figures.append(("p1_vs_dim.png", "precision_at_1 against embedding dimension (mean ± 95% CI over seeds)"))
+    for metric, label, name in (("mean_average_precision_at_r", "MAP@R", "map_at_r_vs_dim.png"), ("precision_at_1", "precision@1", "p1_vs_dim.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for loss in config["losses"]:
+            pts = [r for r in rows if r["loss"] == loss and r["format"] == "pytorch" and not r["baseline"]]
+            ax.errorbar([r["dim"] for r in pts], [_value(r[metric]) for r in pts], yerr=[r[metric]["ci95"] or 0 for r in pts], marker="o", capsize=3, label=loss)
+        ax.axhline(_value(base[metric]), color="grey", ls="--", label=f"triplet d={config['baseline_dim']}")
+        ax.set(xscale="log", xlabel="embedding dim", ylabel=f"test {label}", title=f"{label} vs embedding dim (test classes)")
+        ax.set_xticks(config["dims"], [str(d) for d in config["dims"]])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend()
+        _save(fig, out / name)
+        figures.append((name, f"{label} against embedding dimension on the test classes (mean ± 95% CI over seeds)"))
 
     for target in results["bench"]:
         pts = [r for r in rows if "size_bytes" in r and "p50_ms" in r["bench"].get(target, {}) and not r["bench"][target].get("emulated")]
@@ -97,14 +105,14 @@ def plot_all(results: dict, out: Path, embeddings_2d: dict[str, tuple[np.ndarray
     labels = sorted({(r["loss"], r["dim"], r["format"]) for r in files}, key=lambda k: (k[1], k[0], k[2]))
     x = np.arange(len(labels))
     for i, precision in enumerate(("fp32", "int8")):
-        vals = [next((r["precision_at_1"]["mean"] for r in files if (r["loss"], r["dim"], r["format"]) == k and r["precision"] == precision), np.nan) for k in labels]
+        vals = [next((_value(r["precision_at_1"]) for r in files if (r["loss"], r["dim"], r["format"]) == k and r["precision"] == precision), np.nan) for k in labels]
         ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=precision)
     ax.set_xticks(x, [f"{l} d{d} {f}" for l, d, f in labels], rotation=70, fontsize=6)
-    lo = min((r["precision_at_1"]["mean"] for r in files), default=0)
+    lo = np.nanmin([_value(r["precision_at_1"]) for r in files] or [0])
     ax.set(ylabel="precision@1 of the exported file", ylim=(max(0, lo - 0.05), 1.0), title="fp32 vs int8")
     ax.legend()
     _save(fig, out / "fidelity.png")
-    figures.append(("fidelity.png", "precision_at_1 of each exported file at fp32 and int8 (held-out images)"))
+    figures.append(("fidelity.png", "precision_at_1 of each exported file at fp32 and int8 (the PyTorch rows' test images)"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, run in results["runs"].items():
@@ -131,36 +139,59 @@ def _md_table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def _tuning_rows(results: dict) -> list[list[str]]:
+    out = []
+    for key, t in results["tuning"].items():
+        tried = ", ".join(f"{x['value']:g}: {x['val_mean_average_precision_at_r']:.4f}" for x in t["trials"]) or f"twice {t['twin_of']}'s"
+        out.append([key, t["parameter"], f"{t['default']:g}", tried, f"{t['chosen']:g}"])
+    return out
+
+
+TUNING_COLUMNS = ("model", "tuned", "default", "trials (value: validation MAP@R)", "chosen")
+
+
 def _setup_lines(results: dict) -> list[str]:
     c, m = results["config"], results["machine"]
+    split = "classes (test classes never trained on)" if c["split"] == "classes" else f"{c['split']} (the test images' classes were trained on)"
     return [
-        f"dataset {c['dataset']}, split by {c['split']}, backbone {c['backbone']}, {c['epochs']} epochs, {c['seeds']} seed(s)",
+        f"dataset {c['dataset']}, split by {split}, backbone {c['backbone']}, {c['epochs']} epochs, {c['seeds']} seed(s)",
+        f"tuning: {c['trials']} run(s) of seed 0 per loss and dim, the margin (or, without one, the learning rate) from half to twice its default, chosen by MAP@R on the validation images of the training classes",
         f"losses {', '.join(c['losses'])} at dims {', '.join(map(str, c['dims']))}; baseline triplet at d={c['baseline_dim']}",
         f"formats {', '.join(c['formats'])} at fp32 and int8; targets {', '.join(c['targets'])}",
         f"machine: {m['processor']}, {m['platform']}, Python {m['python']}; took {results['elapsed_s'] / 60:.1f} min",
-        f"each accuracy figure: mean over {c['seeds']} run(s) ± 95% CI; latency and memory: seed 0's bundle; * = significant",
+        f"each accuracy figure: mean over {c['seeds']} run(s) ± 95% CI, every row (PyTorch and exported files) on the whole test split; latency and memory: seed 0's bundle; * = significant",
     ]
 
 
 def write_report(results: dict, out: Path, embeddings_2d: dict) -> None:
+    """The verdict first (three lines), the setup and tuning, the details per dimension, the
+    figures, then the full tables."""
     figures = plot_all(results, out, embeddings_2d)
-    verdict = results["summary"]["verdict"]
-    md = ["# edge-siamese compare", "", "## Verdict", ""] + [f"- {v}" for v in verdict]
+    summary = results["summary"]
+    md = ["# edge-siamese compare", "", "## Verdict", ""] + [f"- {v}" for v in summary["verdict"]]
     md += ["", "## Setup", ""] + [f"- {s}" for s in _setup_lines(results)]
-    page = [f"<h1>edge-siamese compare</h1><h2>Verdict</h2><ul>{''.join(f'<li>{html.escape(v)}</li>' for v in verdict)}</ul>"]
+    md += ["", "## Tuning", "", _md_table(TUNING_COLUMNS, _tuning_rows(results))]
+    md += ["", "## Details", ""] + [f"- {v}" for v in summary["details"]]
+    page = [f"<h1>edge-siamese compare</h1><h2>Verdict</h2><ul>{''.join(f'<li>{html.escape(v)}</li>' for v in summary['verdict'])}</ul>"]
     page.append(f"<h2>Setup</h2><ul>{''.join(f'<li>{html.escape(s)}</li>' for s in _setup_lines(results))}</ul>")
-    for target in results["bench"] or {"none": {}}:
-        rows = table_rows(results, target)
-        md += ["", f"## Target: {target}", "", _md_table(COLUMNS, rows)]
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
-        page.append(f"<h2>Target: {html.escape(target)}</h2><table><tr>{head}</tr>{body}</table>")
+    page.append(f"<h2>Tuning</h2>{_html_table(TUNING_COLUMNS, _tuning_rows(results))}")
+    page.append(f"<h2>Details</h2><ul>{''.join(f'<li>{html.escape(v)}</li>' for v in summary['details'])}</ul>")
     md += ["", "## Figures", ""] + [f"![{cap}]({name})\n\n{cap}\n" for name, cap in figures]
     for name, cap in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
         page.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}</figcaption></figure>")
+    for target in results["bench"] or {"none": {}}:
+        rows = table_rows(results, target)
+        md += ["", f"## Target: {target}", "", _md_table(COLUMNS, rows)]
+        page.append(f"<h2>Target: {html.escape(target)}</h2>{_html_table(COLUMNS, rows)}")
     style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:900px}"
     with atomic_path(out / "REPORT.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>edge-siamese compare</title><style>{style}</style></head><body>{''.join(page)}</body></html>\n")
+
+
+def _html_table(header, rows) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
