@@ -107,11 +107,18 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """For a child the tests stop with SIGINT: a terminal's process takes Ctrl-C, but one started
+    under a shell's background job (``cmd &``, as a CI script may run pytest) inherits SIGINT
+    ignored, and Python then keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def demo_server(bundle: Path, *args: str):
     """``edge-siamese demo BUNDLE --port 0`` in a subprocess: yields (process, the URL it printed);
     stops it with Ctrl-C (SIGINT) and checks that it exits cleanly."""
-    proc = subprocess.Popen([str(CLI), "demo", str(bundle), "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(CLI), "demo", str(bundle), "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)  # torch's import can be slow on a busy CI machine
         line = proc.stdout.readline() if ready else ""
