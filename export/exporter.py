@@ -175,7 +175,8 @@ def export_run(
 
     tmp = bundle.staging_dir(out)
     try:
-        rows, reference, manifest = bundle_of(run.model, _final_metrics(run, data), tmp)
+        trained_final = _final_metrics(run, data)
+        rows, reference, manifest = bundle_of(run.model, trained_final, tmp)
         short = [r.format for r in rows if r.precision == "int8" and not (r.int8 and r.int8["passed_gate"])]
         if qat_epochs and short:
             started = time.perf_counter()
@@ -192,7 +193,7 @@ def export_run(
                 "why": f"post-training int8 missed the gate for {', '.join(short)}",
                 "trained_precision_at_1": trained,
                 "precision_at_1": _precision_at_1(reference, test[1], run.loss),
-                "trained_val_precision_at_1": _final_metrics(run, data)["val_precision_at_1"],
+                "trained_val_precision_at_1": trained_final["val_precision_at_1"],
                 "val_precision_at_1": final["val_precision_at_1"],
                 "fine_tune_s": fine_tune_s,
             }
